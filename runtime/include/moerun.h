@@ -1,0 +1,245 @@
+/*
+ * moerun.h - run Mixture-of-Experts models larger than the memory that computes them.
+ *
+ * One header, C11. Conventions (see README.md):
+ *  - functions that act return a status: MOERUN_OK (0) or a negative MOERUN_ERR_* code;
+ *    the detail of the last error of the calling thread is in moerun_errmsg();
+ *  - handles are opaque, returned through an out-parameter, and destroy(NULL) is a no-op;
+ *  - params structs are filled by *_params_init() and carry struct_size so they can grow;
+ *  - the library never writes to stdout and never calls exit() or abort(); diagnostics go
+ *    through the log callback (moerun_log_set).
+ */
+#ifndef MOERUN_H
+#define MOERUN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define MOERUN_API
+#else
+#define MOERUN_API __attribute__((visibility("default")))
+#endif
+
+#define MOERUN_VERSION_MAJOR 0
+#define MOERUN_VERSION_MINOR 1
+#define MOERUN_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes: one list, expanded into the enum and into moerun_status_str().
+ * ------------------------------------------------------------------------------------------- */
+
+#define MOERUN_STATUS_LIST(X)                                                                      \
+    X(OK, 0, "success")                                                                            \
+    X(ERR_INVALID_ARG, -1, "invalid argument")                                                     \
+    X(ERR_NOMEM, -2, "out of memory")                                                              \
+    X(ERR_IO, -3, "input/output error")                                                            \
+    X(ERR_FORMAT, -4, "malformed or hostile model file")                                           \
+    X(ERR_UNSUPPORTED, -5, "unsupported model, type or feature")                                   \
+    X(ERR_RANGE, -6, "value out of range")                                                         \
+    X(ERR_BUDGET, -7, "memory budget too small")                                                   \
+    X(ERR_BACKEND, -8, "compute backend failure")                                                  \
+    X(ERR_CANCELLED, -9, "cancelled by the caller")                                                \
+    X(ERR_INTERNAL, -10, "internal error")
+
+typedef enum moerun_status {
+#define MOERUN_STATUS_ENUM(name, value, text) MOERUN_##name = (value),
+    MOERUN_STATUS_LIST(MOERUN_STATUS_ENUM)
+#undef MOERUN_STATUS_ENUM
+} moerun_status;
+
+/* The fixed text of a status code ("out of memory"); "unknown status" for a value not in the
+ * list. Returns a static string. Thread-safe. */
+MOERUN_API const char *moerun_status_str(int status);
+
+/* The message of the last error set on the calling thread, naming what failed and where
+ * ("gguf: tensor 'blk.0.attn_q.weight' at offset 1234: data past the end of the file").
+ * Empty string when none. Valid until the next library call on this thread. Thread-safe
+ * (per-thread storage). */
+MOERUN_API const char *moerun_errmsg(void);
+
+/* The library version as "MAJOR.MINOR.PATCH". Returns a static string. Thread-safe. */
+MOERUN_API const char *moerun_version(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Logging
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum moerun_log_level {
+    MOERUN_LOG_ERROR = 0,
+    MOERUN_LOG_WARN = 1,
+    MOERUN_LOG_INFO = 2,
+    MOERUN_LOG_DEBUG = 3,
+} moerun_log_level;
+
+/* msg is one line without its trailing newline. Called from any library thread. */
+typedef void (*moerun_log_fn)(moerun_log_level level, const char *msg, void *user_data);
+
+/* Route the library's diagnostics to fn (NULL restores the default, which writes WARN and
+ * ERROR lines to stderr). Returns nothing. Thread-safe, but messages logged concurrently with
+ * the change may reach either callback. */
+MOERUN_API void moerun_log_set(moerun_log_fn fn, void *user_data);
+
+/* Messages above this level are dropped before formatting; default MOERUN_LOG_INFO.
+ * Thread-safe. */
+MOERUN_API void moerun_log_set_level(moerun_log_level max_level);
+
+/* ---------------------------------------------------------------------------------------------
+ * Memory: the library allocates through this when given one, else through malloc/free.
+ * It never replaces the process's malloc.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_allocator {
+    /* size bytes aligned to align (a power of two >= sizeof(void *)); NULL on failure */
+    void *(*alloc)(size_t size, size_t align, void *user_data);
+    void (*free)(void *ptr, void *user_data); /* ptr may be NULL */
+    void *user_data;
+} moerun_allocator;
+
+/* ---------------------------------------------------------------------------------------------
+ * Weight types: the GGML type ids, as stored in GGUF files.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum moerun_type {
+    MOERUN_TYPE_F32 = 0,
+    MOERUN_TYPE_F16 = 1,
+    MOERUN_TYPE_Q4_0 = 2,
+    MOERUN_TYPE_Q8_0 = 8,
+    MOERUN_TYPE_Q4_K = 12,
+    MOERUN_TYPE_Q5_K = 13,
+    MOERUN_TYPE_Q6_K = 14,
+    MOERUN_TYPE_Q8_K = 15, /* activations only */
+    MOERUN_TYPE_BF16 = 30,
+} moerun_type;
+
+/* The GGML name of a type id ("Q4_K"), for every type GGUF files may hold, including ones
+ * the compute kernels do not support; NULL for an unknown id. Thread-safe. */
+MOERUN_API const char *moerun_type_name(int type);
+
+/* The type id for a name (case-insensitive, "q8_0" or "Q8_0"); a negative status when the
+ * name is unknown. Thread-safe. */
+MOERUN_API int moerun_type_from_name(const char *name);
+
+/* Whether weights of this type can be computed with (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K,
+ * Q6_K). Returns 1 or 0. Thread-safe. */
+MOERUN_API int moerun_type_is_supported(int type);
+
+/* ---------------------------------------------------------------------------------------------
+ * Models
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_model moerun_model;
+
+typedef struct moerun_model_params {
+    size_t struct_size;                 /* set by moerun_model_params_init() */
+    int n_threads;                      /* compute threads; 0 = one per core */
+    const moerun_allocator *allocator;  /* NULL = malloc/free; must outlive the model */
+} moerun_model_params;
+
+/* Fill p with defaults. Returns nothing. Thread-safe. */
+MOERUN_API void moerun_model_params_init(moerun_model_params *p);
+
+/* Open a GGUF model file: parse and validate its header, metadata and tensor table (nothing
+ * is trusted before it is checked against the file's size). params may be NULL (defaults).
+ * Returns MOERUN_OK and *out, or MOERUN_ERR_IO / ERR_FORMAT / ERR_UNSUPPORTED / ERR_NOMEM
+ * with *out = NULL and moerun_errmsg() naming the key or tensor and the byte offset.
+ * Thread-safe (distinct calls share nothing). */
+MOERUN_API int moerun_model_open(const char *path, const moerun_model_params *params,
+                                 moerun_model **out);
+
+/* Release a model. NULL is a no-op. Not thread-safe with other uses of the same model. */
+MOERUN_API void moerun_model_close(moerun_model *model);
+
+/* A summary of an open model; hyper-parameters the file does not have are 0. */
+typedef struct moerun_model_info {
+    size_t struct_size;      /* set by the caller to sizeof(moerun_model_info) */
+    char arch[32];           /* general.architecture ("llama", "qwen2moe", ...) */
+    char name[128];          /* general.name, or "" */
+    uint32_t gguf_version;   /* 2 or 3 */
+    uint32_t alignment;      /* tensor data alignment, bytes */
+    uint64_t file_bytes;     /* size of the file */
+    uint64_t data_offset;    /* start of the tensor data section, bytes */
+    uint64_t n_kv;           /* metadata key/value pairs */
+    uint64_t n_tensors;      /* tensors in the file */
+    uint64_t tensor_bytes;   /* bytes of all tensor data */
+    uint32_t n_vocab;        /* tokens in the vocabulary (tokenizer or output tensor) */
+    uint32_t n_ctx_train;    /* <arch>.context_length */
+    uint32_t n_embd;         /* <arch>.embedding_length */
+    uint32_t n_layer;        /* <arch>.block_count */
+    uint32_t n_head;         /* <arch>.attention.head_count */
+    uint32_t n_head_kv;      /* <arch>.attention.head_count_kv (n_head when absent) */
+    uint32_t n_ff;           /* <arch>.feed_forward_length (dense FFN) */
+    uint32_t n_ff_exp;       /* <arch>.expert_feed_forward_length, else from the tensors */
+    uint32_t n_expert;       /* <arch>.expert_count; 0 = not an MoE model */
+    uint32_t n_expert_used;  /* <arch>.expert_used_count */
+    uint32_t n_rot;          /* <arch>.rope.dimension_count (head size when absent) */
+    float rope_freq_base;    /* <arch>.rope.freq_base (10000 when absent) */
+    float rms_eps;           /* <arch>.attention.layer_norm_rms_epsilon */
+    uint64_t expert_bytes;   /* bytes of all expert tensors (*_exps) */
+} moerun_model_info;
+
+/* Fill *info (info->struct_size must be set). Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
+ * Thread-safe for concurrent readers. */
+MOERUN_API int moerun_model_get_info(const moerun_model *model, moerun_model_info *info);
+
+/* Tensor count and bytes of one weight type in the model (both 0 when absent), for the
+ * summary by type. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG. Thread-safe. */
+MOERUN_API int moerun_model_type_bytes(const moerun_model *model, int type, uint64_t *n_tensors,
+                                       uint64_t *bytes);
+
+/* Bytes of layer il's experts: all experts of its *_exps tensors (0 for a layer without),
+ * and of one expert (the three ranges the scheduler moves as one section).
+ * Returns MOERUN_OK or MOERUN_ERR_RANGE for il >= n_layer. Thread-safe. */
+MOERUN_API int moerun_model_layer_expert_bytes(const moerun_model *model, uint32_t il,
+                                               uint64_t *all_experts, uint64_t *one_expert);
+
+/* Metadata access by index (0 <= i < n_kv): the key, and the value rendered as text
+ * (arrays as "[type; n]" with their first elements). Returns the key or NULL when out of
+ * range / the number of characters the value needs (snprintf-style, buf may be NULL) or a
+ * negative status. Thread-safe. */
+MOERUN_API const char *moerun_model_meta_key(const moerun_model *model, uint64_t i);
+MOERUN_API int moerun_model_meta_value_str(const moerun_model *model, uint64_t i, char *buf,
+                                           size_t size);
+
+/* ---------------------------------------------------------------------------------------------
+ * Synthetic models: random weights of a given shape, type and seed, for demos, tests and
+ * benchmarks. The same parameters and seed give the same file, byte for byte.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_synth_params {
+    size_t struct_size;      /* set by moerun_synth_params_init() */
+    const char *arch;        /* "mixtral" (GGUF arch "llama" with experts) */
+    int weight_type;         /* moerun_type of the matrices (router and norms stay F32) */
+    uint64_t seed;           /* same seed, same file */
+    uint32_t n_vocab;        /* tokens; >= 259 (3 special + 256 bytes) */
+    uint32_t n_embd;         /* model width; a multiple of the weight type's block size */
+    uint32_t n_layer;        /* blocks */
+    uint32_t n_head;         /* query heads; divides n_embd */
+    uint32_t n_head_kv;      /* key/value heads; divides n_head */
+    uint32_t n_expert;       /* experts per layer */
+    uint32_t n_expert_used;  /* experts chosen per token */
+    uint32_t n_ff;           /* expert FFN width; a multiple of the block size */
+    uint32_t n_ctx;          /* trained context length written to the metadata */
+    float rope_freq_base;    /* RoPE base */
+    float rms_eps;           /* RMSNorm epsilon */
+    int n_threads;           /* threads for quantizing; 0 = one per core (output unchanged) */
+} moerun_synth_params;
+
+/* Defaults: a small Mixtral-style model (vocab 512, dim 256, 4 layers, 8 heads / 4 KV heads,
+ * 8 experts top-2, expert FFN 512, Q8_0, seed 42). Returns nothing. Thread-safe. */
+MOERUN_API void moerun_synth_params_init(moerun_synth_params *p);
+
+/* Write a synthetic model to path (replaced atomically: written to a temporary file, then
+ * renamed). Returns MOERUN_OK, MOERUN_ERR_INVALID_ARG for an inconsistent shape,
+ * MOERUN_ERR_UNSUPPORTED for an unknown arch or type, MOERUN_ERR_IO. Thread-safe. */
+MOERUN_API int moerun_synth_write(const moerun_synth_params *params, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOERUN_H */
