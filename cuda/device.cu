@@ -10,7 +10,7 @@ extern "C" {
 #include <string.h>
 
 #define cuda_err(e, what)                                                                          \
-    mr_err(MOERUN_ERR_BACKEND, "cuda: %s: %s (%s:%d)", (what), cudaGetErrorString(e), __FILE__,  \
+    mr_err(MOERUN_ERR_BACKEND, "cuda: %s: %s (%s:%d)", (what), cudaGetErrorString(e), __FILE__,    \
            __LINE__)
 
 extern "C" int cuda_device_count(int *n) {

@@ -8,10 +8,10 @@
 #define MR_TYPE_COUNT 40 /* type ids are < MR_TYPE_COUNT */
 
 struct mr_type_info {
-    const char *name;    /* GGML name, "Q4_K" */
-    uint32_t blck;       /* elements per block */
-    uint32_t type_size;  /* bytes per block */
-    bool supported;      /* the CPU kernels compute with it */
+    const char *name;   /* GGML name, "Q4_K" */
+    uint32_t blck;      /* elements per block */
+    uint32_t type_size; /* bytes per block */
+    bool supported;     /* the CPU kernels compute with it */
 };
 
 /* The entry for a type id, or NULL when the id is not a GGML type. */

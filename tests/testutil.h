@@ -18,8 +18,8 @@ struct tu_rng {
 };
 void tu_rng_init(struct tu_rng *r, uint64_t seed);
 uint64_t tu_rng_u64(struct tu_rng *r);
-double tu_rng_uniform(struct tu_rng *r);             /* [0, 1) */
-double tu_rng_normal(struct tu_rng *r);              /* N(0, 1) */
+double tu_rng_uniform(struct tu_rng *r); /* [0, 1) */
+double tu_rng_normal(struct tu_rng *r);  /* N(0, 1) */
 void tu_fill_normal(struct tu_rng *r, float *x, size_t n, float scale);
 
 /* ||a - b|| / ||b|| over n values (b in float64); 0 when both are zero. */
