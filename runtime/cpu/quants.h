@@ -13,22 +13,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define QK4_0 32
-#define QK8_0 32
-#define QK_K  256
+#define QK4_0        32
+#define QK8_0        32
+#define QK_K         256
 #define K_SCALE_SIZE 12
 
 typedef uint16_t mr_fp16; /* IEEE half, raw bits */
 typedef uint16_t mr_bf16; /* bfloat16, raw bits */
 
 typedef struct {
-    mr_fp16 d;            /* delta */
+    mr_fp16 d;             /* delta */
     uint8_t qs[QK4_0 / 2]; /* nibbles: low = elements 0..15, high = 16..31; value = q - 8 */
 } block_q4_0;
 
 typedef struct {
-    mr_fp16 d;           /* delta */
-    int8_t qs[QK8_0];    /* quants */
+    mr_fp16 d;        /* delta */
+    int8_t qs[QK8_0]; /* quants */
 } block_q8_0;
 
 typedef struct {
@@ -42,21 +42,21 @@ typedef struct {
     mr_fp16 d;
     mr_fp16 dmin;
     uint8_t scales[K_SCALE_SIZE];
-    uint8_t qh[QK_K / 8];         /* high bit of the quants */
-    uint8_t qs[QK_K / 2];         /* low 4 bits */
+    uint8_t qh[QK_K / 8]; /* high bit of the quants */
+    uint8_t qs[QK_K / 2]; /* low 4 bits */
 } block_q5_K;
 
 typedef struct {
-    uint8_t ql[QK_K / 2];      /* low 4 bits */
-    uint8_t qh[QK_K / 4];      /* high 2 bits */
-    int8_t scales[QK_K / 16];  /* 8-bit scales of 16-element groups */
-    mr_fp16 d;                 /* super-block scale */
+    uint8_t ql[QK_K / 2];     /* low 4 bits */
+    uint8_t qh[QK_K / 4];     /* high 2 bits */
+    int8_t scales[QK_K / 16]; /* 8-bit scales of 16-element groups */
+    mr_fp16 d;                /* super-block scale */
 } block_q6_K;
 
 typedef struct {
-    float d;                   /* delta */
-    int8_t qs[QK_K];           /* quants */
-    int16_t bsums[QK_K / 16];  /* sums of quants in groups of 16 */
+    float d;                  /* delta */
+    int8_t qs[QK_K];          /* quants */
+    int16_t bsums[QK_K / 16]; /* sums of quants in groups of 16 */
 } block_q8_K;
 
 _Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 layout");
@@ -100,7 +100,8 @@ struct cpu_type_kernels {
 };
 
 /* Kernels of a type for an instruction set (falls back to the scalar entry where that set has
- * no faster version); NULL for a type with no CPU support. */
+ * no faster version); NULL for a type with no CPU support. The table exists for every set; call
+ * its functions only when cpu_isa_available(isa). Thread-safe (built once). */
 const struct cpu_type_kernels *cpu_kernels(enum cpu_isa isa, int type);
 
 /* The best instruction set this CPU runs (checked once with cpuid), capped by the
@@ -119,5 +120,19 @@ const struct cpu_type_kernels *cpu_avx512_kernels(int type);
 void cpu_ref_to_float(int type, const void *src, float *dst, int64_t n);
 void cpu_ref_from_float(int type, const float *src, void *dst, int64_t n);
 void cpu_ref_vec_dot(int type, int64_t n, float *s, const void *w, const void *x);
+/* The scalar table's entry for a type (what dispatch.c merges the SIMD entries over); NULL for a
+ * type without CPU support. */
+const struct cpu_type_kernels *cpu_ref_kernels(int type);
+
+/* Weight quantizers: Q4_0, Q4_K, Q5_K, Q6_K follow ggml's reference quantizers
+ * (quantize_row_*_ref, no importance matrix), search included; Q8_0 as the activations.
+ * Activation quantizers, bit-exact with llama.cpp's x86 CPU backend (every table must match):
+ *   Q8_0: amax = max |x| over the 32; d = amax / 127.f, stored as fp16; the multiplier is
+ *         id = amax != 0 ? 127.f / amax : 0 (as ggml's AVX code, NOT 1 / d: they can differ in
+ *         the last bit); q = x * id rounded to nearest, ties to even.
+ *   Q8_K: max = the element of largest |x| (first on ties); max == 0: all zero; else
+ *         iscale = -127.f / max, q = min(127, x * iscale rounded to nearest even),
+ *         d = 1 / iscale, bsums[g] = sum of q[16g .. 16g + 15].
+ *   F16, BF16: mr_fp32_to_fp16 / mr_fp32_to_bf16. */
 
 #endif /* MOERUN_CPU_QUANTS_H */
