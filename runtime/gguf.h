@@ -76,13 +76,13 @@ struct gguf_kv {
 
 struct gguf_tensor {
     struct gguf_str name;
-    uint32_t n_dims;              /* 1..4 */
-    uint64_t ne[GGUF_MAX_DIMS];   /* elements per dim, ne[0] fastest; unused dims are 1 */
-    int type;                     /* moerun_type / ggml_type id, known (mr_type_info != NULL) */
-    uint64_t offset;              /* absolute byte offset of the data in the file */
-    uint64_t nbytes;              /* bytes of data, from type and shape */
-    uint64_t n_elements;          /* product of ne */
-    uint64_t info_offset;         /* byte offset of the tensor info in the file, for messages */
+    uint32_t n_dims;            /* 1..4 */
+    uint64_t ne[GGUF_MAX_DIMS]; /* elements per dim, ne[0] fastest; unused dims are 1 */
+    int type;                   /* moerun_type / ggml_type id, known (mr_type_info != NULL) */
+    uint64_t offset;            /* absolute byte offset of the data in the file */
+    uint64_t nbytes;            /* bytes of data, from type and shape */
+    uint64_t n_elements;        /* product of ne */
+    uint64_t info_offset;       /* byte offset of the tensor info in the file, for messages */
 };
 
 struct gguf_ctx {
@@ -100,9 +100,9 @@ struct gguf_ctx {
 
 /* Where bytes come from: a file descriptor (pread) or a memory buffer (tests, fuzzing). */
 struct gguf_source {
-    int fd;             /* >= 0: read with pread from this descriptor */
-    const void *mem;    /* fd < 0: read from this buffer */
-    uint64_t size;      /* bytes available (the file's size) */
+    int fd;          /* >= 0: read with pread from this descriptor */
+    const void *mem; /* fd < 0: read from this buffer */
+    uint64_t size;   /* bytes available (the file's size) */
 };
 
 /* Parse and validate. Returns MOERUN_OK and *out, or an error with *out = NULL.
