@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 void moerun_synth_params_init(moerun_synth_params *p) {
@@ -441,7 +442,7 @@ out_free:
 
 int moerun_synth_write(const moerun_synth_params *p, const char *path) {
     mr_err_clear();
-    const struct synth_arch *arch;
+    const struct synth_arch *arch = NULL;
     int rc = check_params(p, &arch);
     if (rc != MOERUN_OK)
         return rc;

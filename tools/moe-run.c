@@ -119,8 +119,8 @@ static int print_info(const char *path, const moerun_model *m, int meta) {
                in.n_expert_used, in.n_ff_exp);
     else
         printf("experts       none (dense model)\n");
-    if (in.n_ff)
-        printf("dense FFN     %u\n", in.n_ff);
+    if (in.n_ff && in.n_ff != in.n_ff_exp) /* Mixtral files give the expert width here too */
+        printf("FFN           %u (feed_forward_length)\n", in.n_ff);
     printf("tensors       %llu, ", (unsigned long long)in.n_tensors);
     print_size(stdout, in.tensor_bytes);
     printf("\n");
