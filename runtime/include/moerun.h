@@ -135,9 +135,9 @@ MOERUN_API int moerun_type_is_supported(int type);
 typedef struct moerun_model moerun_model;
 
 typedef struct moerun_model_params {
-    size_t struct_size;                 /* set by moerun_model_params_init() */
-    int n_threads;                      /* compute threads; 0 = one per core */
-    const moerun_allocator *allocator;  /* NULL = malloc/free; must outlive the model */
+    size_t struct_size;                /* set by moerun_model_params_init() */
+    int n_threads;                     /* compute threads; 0 = one per core */
+    const moerun_allocator *allocator; /* NULL = malloc/free; must outlive the model */
 } moerun_model_params;
 
 /* Fill p with defaults. Returns nothing. Thread-safe. */
@@ -156,30 +156,30 @@ MOERUN_API void moerun_model_close(moerun_model *model);
 
 /* A summary of an open model; hyper-parameters the file does not have are 0. */
 typedef struct moerun_model_info {
-    size_t struct_size;      /* set by the caller to sizeof(moerun_model_info) */
-    char arch[32];           /* general.architecture ("llama", "qwen2moe", ...) */
-    char name[128];          /* general.name, or "" */
-    uint32_t gguf_version;   /* 2 or 3 */
-    uint32_t alignment;      /* tensor data alignment, bytes */
-    uint64_t file_bytes;     /* size of the file */
-    uint64_t data_offset;    /* start of the tensor data section, bytes */
-    uint64_t n_kv;           /* metadata key/value pairs */
-    uint64_t n_tensors;      /* tensors in the file */
-    uint64_t tensor_bytes;   /* bytes of all tensor data */
-    uint32_t n_vocab;        /* tokens in the vocabulary (tokenizer or output tensor) */
-    uint32_t n_ctx_train;    /* <arch>.context_length */
-    uint32_t n_embd;         /* <arch>.embedding_length */
-    uint32_t n_layer;        /* <arch>.block_count */
-    uint32_t n_head;         /* <arch>.attention.head_count */
-    uint32_t n_head_kv;      /* <arch>.attention.head_count_kv (n_head when absent) */
-    uint32_t n_ff;           /* <arch>.feed_forward_length (dense FFN) */
-    uint32_t n_ff_exp;       /* <arch>.expert_feed_forward_length, else from the tensors */
-    uint32_t n_expert;       /* <arch>.expert_count; 0 = not an MoE model */
-    uint32_t n_expert_used;  /* <arch>.expert_used_count */
-    uint32_t n_rot;          /* <arch>.rope.dimension_count (head size when absent) */
-    float rope_freq_base;    /* <arch>.rope.freq_base (10000 when absent) */
-    float rms_eps;           /* <arch>.attention.layer_norm_rms_epsilon */
-    uint64_t expert_bytes;   /* bytes of all expert tensors (*_exps) */
+    size_t struct_size;     /* set by the caller to sizeof(moerun_model_info) */
+    char arch[32];          /* general.architecture ("llama", "qwen2moe", ...) */
+    char name[128];         /* general.name, or "" */
+    uint32_t gguf_version;  /* 2 or 3 */
+    uint32_t alignment;     /* tensor data alignment, bytes */
+    uint64_t file_bytes;    /* size of the file */
+    uint64_t data_offset;   /* start of the tensor data section, bytes */
+    uint64_t n_kv;          /* metadata key/value pairs */
+    uint64_t n_tensors;     /* tensors in the file */
+    uint64_t tensor_bytes;  /* bytes of all tensor data */
+    uint32_t n_vocab;       /* tokens in the vocabulary (tokenizer or output tensor) */
+    uint32_t n_ctx_train;   /* <arch>.context_length */
+    uint32_t n_embd;        /* <arch>.embedding_length */
+    uint32_t n_layer;       /* <arch>.block_count */
+    uint32_t n_head;        /* <arch>.attention.head_count */
+    uint32_t n_head_kv;     /* <arch>.attention.head_count_kv (n_head when absent) */
+    uint32_t n_ff;          /* <arch>.feed_forward_length (dense FFN) */
+    uint32_t n_ff_exp;      /* <arch>.expert_feed_forward_length, else from the tensors */
+    uint32_t n_expert;      /* <arch>.expert_count; 0 = not an MoE model */
+    uint32_t n_expert_used; /* <arch>.expert_used_count */
+    uint32_t n_rot;         /* <arch>.rope.dimension_count (head size when absent) */
+    float rope_freq_base;   /* <arch>.rope.freq_base (10000 when absent) */
+    float rms_eps;          /* <arch>.attention.layer_norm_rms_epsilon */
+    uint64_t expert_bytes;  /* bytes of all expert tensors (*_exps) */
 } moerun_model_info;
 
 /* Fill *info (info->struct_size must be set). Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
@@ -211,22 +211,22 @@ MOERUN_API int moerun_model_meta_value_str(const moerun_model *model, uint64_t i
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct moerun_synth_params {
-    size_t struct_size;      /* set by moerun_synth_params_init() */
-    const char *arch;        /* "mixtral" (GGUF arch "llama" with experts) */
-    int weight_type;         /* moerun_type of the matrices (router and norms stay F32) */
-    uint64_t seed;           /* same seed, same file */
-    uint32_t n_vocab;        /* tokens; >= 259 (3 special + 256 bytes) */
-    uint32_t n_embd;         /* model width; a multiple of the weight type's block size */
-    uint32_t n_layer;        /* blocks */
-    uint32_t n_head;         /* query heads; divides n_embd */
-    uint32_t n_head_kv;      /* key/value heads; divides n_head */
-    uint32_t n_expert;       /* experts per layer */
-    uint32_t n_expert_used;  /* experts chosen per token */
-    uint32_t n_ff;           /* expert FFN width; a multiple of the block size */
-    uint32_t n_ctx;          /* trained context length written to the metadata */
-    float rope_freq_base;    /* RoPE base */
-    float rms_eps;           /* RMSNorm epsilon */
-    int n_threads;           /* threads for quantizing; 0 = one per core (output unchanged) */
+    size_t struct_size;     /* set by moerun_synth_params_init() */
+    const char *arch;       /* "mixtral" (GGUF arch "llama" with experts) */
+    int weight_type;        /* moerun_type of the matrices (router and norms stay F32) */
+    uint64_t seed;          /* same seed, same file */
+    uint32_t n_vocab;       /* tokens; >= 259 (3 special + 256 bytes) */
+    uint32_t n_embd;        /* model width; a multiple of the weight type's block size */
+    uint32_t n_layer;       /* blocks */
+    uint32_t n_head;        /* query heads; divides n_embd */
+    uint32_t n_head_kv;     /* key/value heads; divides n_head */
+    uint32_t n_expert;      /* experts per layer */
+    uint32_t n_expert_used; /* experts chosen per token */
+    uint32_t n_ff;          /* expert FFN width; a multiple of the block size */
+    uint32_t n_ctx;         /* trained context length written to the metadata */
+    float rope_freq_base;   /* RoPE base */
+    float rms_eps;          /* RMSNorm epsilon */
+    int n_threads;          /* threads for quantizing; 0 = one per core (output unchanged) */
 } moerun_synth_params;
 
 /* Defaults: a small Mixtral-style model (vocab 512, dim 256, 4 layers, 8 heads / 4 KV heads,
