@@ -1,26 +1,14 @@
 /* Models: open a GGUF file, read the hyper-parameters under the architecture's key prefix,
  * and summarise the tensors (bytes by type, expert bytes per layer). */
+#include "model.h"
 #include "gguf.h"
 #include "internal.h"
+#include "tokenizer.h"
 #include "types.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-struct layer_experts {
-    uint64_t all_bytes; /* every expert of the layer's *_exps tensors */
-    uint64_t one_bytes; /* one expert: its slice of each *_exps tensor */
-};
-
-struct moerun_model {
-    moerun_model_params params;
-    struct gguf_ctx *gguf;
-    moerun_model_info info;
-    uint64_t type_tensors[MR_TYPE_COUNT];
-    uint64_t type_bytes[MR_TYPE_COUNT];
-    struct layer_experts *layers; /* [info.n_layer] */
-};
 
 void moerun_model_params_init(moerun_model_params *p) {
     memset(p, 0, sizeof(*p));
@@ -200,6 +188,11 @@ int moerun_model_open(const char *path, const moerun_model_params *params, moeru
         rc = read_hparams(m);
     if (rc == MOERUN_OK)
         rc = summarise_tensors(m);
+    if (rc == MOERUN_OK) {
+        rc = vocab_load(m->gguf, m->params.allocator, &m->vocab);
+        if (rc == 1)
+            rc = MOERUN_OK; /* no tokenizer: token ids only */
+    }
     if (rc != MOERUN_OK) {
         moerun_model_close(m);
         return rc;
@@ -220,6 +213,7 @@ void moerun_model_close(moerun_model *m) {
     if (!m)
         return;
     const moerun_allocator *a = m->params.allocator;
+    vocab_free(m->vocab);
     gguf_close(m->gguf);
     mr_free(a, m->layers);
     mr_free(a, m);

@@ -138,6 +138,9 @@ typedef struct moerun_model_params {
     size_t struct_size;                /* set by moerun_model_params_init() */
     int n_threads;                     /* compute threads; 0 = one per core */
     const moerun_allocator *allocator; /* NULL = malloc/free; must outlive the model */
+    int metadata_only;                 /* 1 = header, metadata and tokenizer only: no weights are
+                                          read and no session can be made (--info, --tokenize;
+                                          works on vocab-only files) */
 } moerun_model_params;
 
 /* Fill p with defaults. Returns nothing. Thread-safe. */
@@ -204,6 +207,138 @@ MOERUN_API int moerun_model_layer_expert_bytes(const moerun_model *model, uint32
 MOERUN_API const char *moerun_model_meta_key(const moerun_model *model, uint64_t i);
 MOERUN_API int moerun_model_meta_value_str(const moerun_model *model, uint64_t i, char *buf,
                                            size_t size);
+
+/* ---------------------------------------------------------------------------------------------
+ * Tokenizer and detokenizer (from the GGUF metadata: SentencePiece "llama" or BPE "gpt2" with
+ * the pre-tokenizer tokenizer.ggml.pre names).
+ * ------------------------------------------------------------------------------------------- */
+
+/* Tokens in the vocabulary. Thread-safe. */
+MOERUN_API uint32_t moerun_model_n_vocab(const moerun_model *model);
+
+/* Special tokens: the id, or -1 when the model has none. Thread-safe. */
+MOERUN_API int32_t moerun_token_bos(const moerun_model *model);
+MOERUN_API int32_t moerun_token_eos(const moerun_model *model);
+
+/* Whether generation ends at this token (EOS, EOT and the like). Returns 1 or 0. Thread-safe. */
+MOERUN_API int moerun_token_is_eog(const moerun_model *model, int32_t token);
+
+/* Tokenize len bytes of UTF-8 text. add_special: add BOS (and EOS) as the model's metadata
+ * asks (tokenizer.ggml.add_bos_token / add_eos_token). parse_special: text that spells a
+ * special or control token ("<s>") becomes that token; otherwise it is plain text.
+ * Writes at most cap ids; *n_tokens gets the count the text needs, so a call with cap too small
+ * returns MOERUN_ERR_RANGE and tells the size. Returns MOERUN_OK, MOERUN_ERR_RANGE, or
+ * MOERUN_ERR_INVALID_ARG. Thread-safe (the model is read-only). */
+MOERUN_API int moerun_tokenize(const moerun_model *model, const char *text, size_t len,
+                               int add_special, int parse_special, int32_t *tokens, size_t cap,
+                               size_t *n_tokens);
+
+/* The bytes a token stands for (SentencePiece's U+2581 as a space, byte tokens as their byte,
+ * BPE's byte-level characters as bytes; special tokens as their text only with render_special).
+ * Not NUL-terminated; may be part of a UTF-8 sequence. Returns the byte count, which may exceed
+ * size (then only size bytes were written: call again with more room), or MOERUN_ERR_RANGE for
+ * an id out of range. Thread-safe. */
+MOERUN_API int moerun_token_to_piece(const moerun_model *model, int32_t token, int render_special,
+                                     char *buf, size_t size);
+
+/* Streaming detokenizer: turns tokens into text that is always valid UTF-8, holding back the
+ * bytes of a character split across tokens until it is complete (invalid bytes become U+FFFD).
+ * Zero-initialise it (or memset) before the first push. */
+typedef struct moerun_detok {
+    unsigned char pending[8]; /* bytes of an incomplete UTF-8 sequence */
+    unsigned n_pending;
+} moerun_detok;
+
+/* Append the text of token to out (size >= 64 + the longest token is always enough): returns
+ * the bytes written (>= 0), or MOERUN_ERR_RANGE when out is too small or the id is out of range.
+ * Thread-safe for distinct moerun_detok. */
+MOERUN_API int moerun_detok_push(const moerun_model *model, moerun_detok *d, int32_t token,
+                                 char *out, size_t size);
+
+/* Write what is still held back (as U+FFFD) and reset d. Returns bytes written. */
+MOERUN_API int moerun_detok_flush(moerun_detok *d, char *out, size_t size);
+
+/* ---------------------------------------------------------------------------------------------
+ * Sessions: one sequence with its own KV cache over a shared model.
+ * Lifecycle: create -> decode (prompt batch, then one token at a time) -> destroy.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_session moerun_session;
+
+typedef struct moerun_session_params {
+    size_t struct_size; /* set by moerun_session_params_init() */
+    uint32_t n_ctx;     /* context (KV cache) length, tokens; 0 = the model's trained length,
+                           capped at 4096 */
+    uint32_t n_batch;   /* most tokens per decode call computed together; 0 = 512 (longer
+                           calls are split, results unchanged) */
+    int n_threads;      /* compute threads; 0 = the model's */
+} moerun_session_params;
+
+MOERUN_API void moerun_session_params_init(moerun_session_params *p);
+
+/* Create a session (allocates its KV cache and scratch now; nothing is allocated per token).
+ * Returns MOERUN_OK, MOERUN_ERR_INVALID_ARG (a metadata-only model), MOERUN_ERR_NOMEM.
+ * Thread-safe: many sessions may share one model, each used by one thread at a time. */
+MOERUN_API int moerun_session_create(moerun_model *model, const moerun_session_params *params,
+                                     moerun_session **out);
+
+MOERUN_API void moerun_session_destroy(moerun_session *session); /* NULL is a no-op */
+
+/* Evaluate n tokens at positions n_past .. n_past + n - 1 and append them to the KV cache.
+ * logits: NULL, or room for n_vocab floats (the last token's logits) or, with logits_all,
+ * n * n_vocab floats ([n][n_vocab], every position's). Token ids are checked first
+ * (MOERUN_ERR_RANGE for an id >= n_vocab, nothing evaluated), then the context
+ * (MOERUN_ERR_RANGE when n_past + n > n_ctx). On an error the session is unchanged.
+ * Not thread-safe for one session. */
+MOERUN_API int moerun_session_decode(moerun_session *session, const int32_t *tokens, size_t n,
+                                     float *logits, int logits_all);
+
+/* Positions filled so far / the context length. */
+MOERUN_API uint32_t moerun_session_n_past(const moerun_session *session);
+MOERUN_API uint32_t moerun_session_n_ctx(const moerun_session *session);
+
+/* Forget the sequence (n_past = 0). Returns nothing. */
+MOERUN_API void moerun_session_reset(moerun_session *session);
+
+/* ---------------------------------------------------------------------------------------------
+ * Sampler: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw, as llama.cpp's
+ * default chain; greedy when temp <= 0. Seeded: the same seed and inputs give the same tokens.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_sampler moerun_sampler;
+
+typedef struct moerun_sampler_params {
+    size_t struct_size;    /* set by moerun_sampler_params_init() */
+    float temp;            /* temperature; <= 0 = greedy (argmax, lowest id on ties); 0.8 */
+    int32_t top_k;         /* keep the k most likely; 0 = off; 40 */
+    float top_p;           /* keep the smallest set with probability >= p; 1 = off; 0.95 */
+    float min_p;           /* drop tokens below min_p x the top probability; 0 = off; 0.05 */
+    float repeat_penalty;  /* divide positive (multiply negative) logits of recent tokens;
+                              1 = off; 1.0 */
+    int32_t repeat_last_n; /* how many recent tokens the penalty looks at; 64 */
+    uint64_t seed;         /* random seed; 0xFFFFFFFF... = MOERUN_SEED_RANDOM draws one */
+} moerun_sampler_params;
+
+#define MOERUN_SEED_RANDOM UINT64_MAX
+
+MOERUN_API void moerun_sampler_params_init(moerun_sampler_params *p);
+
+/* Returns MOERUN_OK, MOERUN_ERR_INVALID_ARG (a parameter out of range, n_vocab 0),
+ * MOERUN_ERR_NOMEM. All memory is allocated here. */
+MOERUN_API int moerun_sampler_create(const moerun_sampler_params *params, uint32_t n_vocab,
+                                     moerun_sampler **out);
+MOERUN_API void moerun_sampler_destroy(moerun_sampler *sampler); /* NULL is a no-op */
+
+/* Choose the next token from n_vocab logits (not modified). Returns the id (>= 0) or a
+ * negative status (MOERUN_ERR_INVALID_ARG for NULL or non-finite logits everywhere).
+ * Does not record the token: call moerun_sampler_accept. Not thread-safe for one sampler. */
+MOERUN_API int32_t moerun_sampler_sample(moerun_sampler *sampler, const float *logits);
+
+/* Record a token (prompt or generated) for the repetition penalty. */
+MOERUN_API void moerun_sampler_accept(moerun_sampler *sampler, int32_t token);
+
+/* Forget the recorded tokens and reseed with the original seed. */
+MOERUN_API void moerun_sampler_reset(moerun_sampler *sampler);
 
 /* ---------------------------------------------------------------------------------------------
  * Synthetic models: random weights of a given shape, type and seed, for demos, tests and

@@ -1,0 +1,26 @@
+/* The model object shared by the runtime's files (internal). */
+#ifndef MOERUN_MODEL_H
+#define MOERUN_MODEL_H
+
+#include "gguf.h"
+#include "internal.h"
+#include "types.h"
+
+struct mr_vocab;
+
+struct layer_experts {
+    uint64_t all_bytes; /* every expert of the layer's *_exps tensors */
+    uint64_t one_bytes; /* one expert: its slice of each *_exps tensor */
+};
+
+struct moerun_model {
+    moerun_model_params params;
+    struct gguf_ctx *gguf;
+    moerun_model_info info;
+    uint64_t type_tensors[MR_TYPE_COUNT];
+    uint64_t type_bytes[MR_TYPE_COUNT];
+    struct layer_experts *layers; /* [info.n_layer] */
+    struct mr_vocab *vocab;       /* NULL when the file has no tokenizer */
+};
+
+#endif /* MOERUN_MODEL_H */
