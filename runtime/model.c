@@ -5,6 +5,7 @@
 #include "internal.h"
 #include "tokenizer.h"
 #include "types.h"
+#include "weights.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -193,6 +194,8 @@ int moerun_model_open(const char *path, const moerun_model_params *params, moeru
         if (rc == 1)
             rc = MOERUN_OK; /* no tokenizer: token ids only */
     }
+    if (rc == MOERUN_OK && !m->params.metadata_only)
+        rc = weights_load(m, path);
     if (rc != MOERUN_OK) {
         moerun_model_close(m);
         return rc;
@@ -213,6 +216,7 @@ void moerun_model_close(moerun_model *m) {
     if (!m)
         return;
     const moerun_allocator *a = m->params.allocator;
+    weights_free(m);
     vocab_free(m->vocab);
     gguf_close(m->gguf);
     mr_free(a, m->layers);

@@ -7,6 +7,7 @@
 #include "types.h"
 
 struct mr_vocab;
+struct mr_weights;
 
 struct layer_experts {
     uint64_t all_bytes; /* every expert of the layer's *_exps tensors */
@@ -21,6 +22,7 @@ struct moerun_model {
     uint64_t type_bytes[MR_TYPE_COUNT];
     struct layer_experts *layers; /* [info.n_layer] */
     struct mr_vocab *vocab;       /* NULL when the file has no tokenizer */
+    struct mr_weights *w;         /* NULL when opened metadata-only */
 };
 
 #endif /* MOERUN_MODEL_H */
