@@ -24,6 +24,7 @@
 #define GGUF_MAGIC             0x46554747u /* "GGUF" little-endian */
 #define GGUF_DEFAULT_ALIGNMENT 32
 #define GGUF_MAX_DIMS          4
+#define GGUF_MAX_NESTING       16 /* arrays of arrays, levels */
 
 enum gguf_vtype {
     GGUF_VT_U8 = 0,
@@ -134,6 +135,9 @@ int gguf_get_arr(const struct gguf_ctx *ctx, const char *key, struct gguf_array 
 /* Render a value as text (arrays abbreviated); snprintf return convention. */
 int gguf_value_format(const struct gguf_value *v, char *buf, size_t size);
 const char *gguf_vtype_name(enum gguf_vtype t);
+/* Bytes of one value of type t in the file: the scalar's size; for a string or an array, the
+ * least it can take (its length / type and count fields); 0 for an unknown type. */
+uint64_t gguf_vtype_size(uint32_t t);
 
 /* ---------------------------------------------------------------------------------------------
  * Writer: metadata and tensor infos first, then tensor data streamed in the order the
