@@ -112,11 +112,13 @@ void *tu_read_file(const char *path, size_t *size) {
     }
     long n = ftell(f);
     rewind(f);
-    void *buf = malloc(n > 0 ? (size_t)n : 1);
+    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL; /* NUL-terminated for text */
     if (buf && n > 0 && fread(buf, 1, (size_t)n, f) != (size_t)n) {
         free(buf);
         buf = NULL;
     }
+    if (buf)
+        buf[n] = '\0';
     fclose(f);
     if (buf && size)
         *size = (size_t)n;

@@ -32,7 +32,7 @@ const char *tu_shared_path(const char *rel);
 /* A fresh temporary file path in the build tree (unique per process and call). */
 const char *tu_tmp_path(const char *suffix);
 
-/* Read a whole file into a malloc'd buffer; NULL on failure. */
+/* Read a whole file into a malloc'd buffer with a NUL after its end; NULL on failure. */
 void *tu_read_file(const char *path, size_t *size);
 
 #define TU_SKIP 77

@@ -1,38 +1,84 @@
 /* moe-run: run a Mixture-of-Experts model from a GGUF file.
  *
- * Today it opens and validates a model and prints its summary (--info); without -m it makes
- * the project's demo model first (moe-synth's generator, cached) and describes that. The forward
- * pass, tokenizer and sampler arrive with the next milestone (see README.md).
+ * Generates text from a prompt (-p, -f, or token ids with --tokens), streaming it to stdout as
+ * it is produced, with llama.cpp's sampling flags; --json prints the result and timings as one
+ * object, --logits-out writes the prompt's logits, --tokenize only tokenizes, --info/--meta
+ * print the model summary. Without -m it makes the project's demo model first (moe-synth's
+ * generator, cached) and uses that. Exit status: 0 done, 1 a runtime error (a file that does
+ * not open, a prompt longer than the context, ids out of range), 2 a bad command line.
  */
 #include "moerun.h"
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#define DEFAULT_PROMPT "Once upon a time"
 
 struct options {
     const char *model;
+    const char *prompt;      /* -p */
+    const char *prompt_file; /* -f */
+    const char *tokens;      /* --tokens: comma-separated ids */
+    const char *logits_out;  /* --logits-out FILE */
     int info;
     int meta;
-    int n_threads;
+    int json;
+    int tokenize;
+    int parse_special;
+    int n_threads;              /* 0 = one per core */
+    int n_predict;              /* tokens to generate; -1 = until EOG or the context is full */
+    int n_ctx;                  /* 0 = the model's, capped at 4096 */
+    int n_batch;                /* 0 = the library's */
+    moerun_sampler_params samp; /* sampling flags over the library's defaults */
 };
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: moe-run [-m FILE] [--info] [--meta] [-t N]\n"
-               "\n"
-               "  -m, --model FILE   GGUF model to open (default: the demo model, generated on\n"
-               "                     first use into $MOERUN_CACHE_DIR, $XDG_CACHE_HOME/moerun or\n"
-               "                     ~/.cache/moerun)\n"
-               "  --info             print the model summary: architecture, hyper-parameters,\n"
-               "                     tensors and bytes by type, expert bytes per layer\n"
-               "  --meta             also list every metadata key and value\n"
-               "  -t, --threads N    compute threads (default: one per core)\n"
-               "  -h, --help         this text\n"
-               "  --version          library version\n");
+    fprintf(
+        f, "usage: moe-run [-m FILE] [-p TEXT | -f FILE | --tokens IDS] [options]\n"
+           "       moe-run [-m FILE] --info | --meta\n"
+           "       moe-run [-m FILE] --tokenize (-p TEXT | -f FILE) [--parse-special]\n"
+           "\n"
+           "  -m, --model FILE        GGUF model to open (default: the demo model, generated on\n"
+           "                          first use into $MOERUN_CACHE_DIR, $XDG_CACHE_HOME/moerun or\n"
+           "                          ~/.cache/moerun)\n"
+           "  -p, --prompt TEXT       prompt (default: \"" DEFAULT_PROMPT "\"); BOS is added as\n"
+           "                          the model asks\n"
+           "  -f, --file FILE         read the prompt from a file\n"
+           "  --tokens IDS            use these token ids as the prompt (\"1,15043,3186\"; no BOS\n"
+           "                          added)\n"
+           "  -n, --n-predict N       tokens to generate (default 64; -1 = until an end-of-\n"
+           "                          generation token or the context is full)\n"
+           "  -c, --ctx-size N        context length (default 0 = the model's, at most 4096)\n"
+           "  -b, --batch-size N      most prompt tokens computed together (default 0 = 512)\n"
+           "  -t, --threads N         compute threads (default: one per core)\n"
+           "  -s, --seed N            sampling seed (default -1 = random)\n"
+           "  --temp X                temperature; 0 = greedy (default 0.8)\n"
+           "  --top-k N               keep the N most likely tokens; 0 = off (default 40)\n"
+           "  --top-p X               nucleus sampling; 1 = off (default 0.95)\n"
+           "  --min-p X               drop tokens below X times the top probability (default "
+           "0.05)\n"
+           "  --repeat-penalty X      penalise recent tokens; 1 = off (default 1.0)\n"
+           "  --repeat-last-n N       how many recent tokens the penalty looks at (default 64)\n"
+           "  --json                  print one JSON object at the end (tokens, text, timings)\n"
+           "                          instead of streaming the text\n"
+           "  --logits-out FILE       write the logits of every prompt position: float32\n"
+           "                          little-endian, [n_prompt][n_vocab]\n"
+           "  --tokenize              print the prompt's token ids as a JSON array and exit\n"
+           "  --parse-special         with --tokenize: text such as \"<s>\" becomes the special\n"
+           "                          token\n"
+           "  --info                  print the model summary: architecture, hyper-parameters,\n"
+           "                          tensors and bytes by type, expert bytes per layer\n"
+           "  --meta                  also list every metadata key and value\n"
+           "  -h, --help              this text\n"
+           "  --version               library version\n");
 }
 
 static int parse_int(const char *flag, const char *s, int lo, int hi, int *out) {
@@ -48,37 +94,129 @@ static int parse_int(const char *flag, const char *s, int lo, int hi, int *out) 
     return 0;
 }
 
+static int parse_float(const char *flag, const char *s, float *out) {
+    char *end;
+    errno = 0;
+    float v = s ? strtof(s, &end) : 0;
+    if (!s || errno || end == s || *end || !isfinite(v)) {
+        fprintf(stderr, "moe-run: %s needs a number, got '%s'\n", flag, s ? s : "");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* A seed: 0 .. 2^64 - 2, or -1 for a random one. */
+static int parse_seed(const char *flag, const char *s, uint64_t *out) {
+    if (s && !strcmp(s, "-1")) {
+        *out = MOERUN_SEED_RANDOM;
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    unsigned long long v = s && *s != '-' ? strtoull(s, &end, 10) : 0;
+    if (!s || *s == '-' || errno || end == s || *end || v == MOERUN_SEED_RANDOM) {
+        fprintf(stderr, "moe-run: %s needs an integer in [0, 2^64 - 2] or -1, got '%s'\n", flag,
+                s ? s : "");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int flag_is(const char *a, const char *short_name, const char *long_name) {
+    return (short_name && !strcmp(a, short_name)) || !strcmp(a, long_name);
+}
+
 /* 0: parsed; 1: exit 0 (help, version); -1: error. */
 static int parse_args(int argc, char **argv, struct options *o) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        int takes_value = 1, rc = 0;
+        if (flag_is(a, "-h", "--help")) {
             usage(stdout);
             return 1;
         } else if (!strcmp(a, "--version")) {
             printf("moe-run (moerun %s)\n", moerun_version());
             return 1;
-        } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-            if (!val) {
-                fprintf(stderr, "moe-run: %s needs a file\n", a);
-                return -1;
-            }
-            o->model = val;
-            i++;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            if (parse_int(a, val, 1, 1024, &o->n_threads))
-                return -1;
-            i++;
         } else if (!strcmp(a, "--info")) {
             o->info = 1;
+            takes_value = 0;
         } else if (!strcmp(a, "--meta")) {
             o->info = 1;
             o->meta = 1;
+            takes_value = 0;
+        } else if (!strcmp(a, "--json")) {
+            o->json = 1;
+            takes_value = 0;
+        } else if (!strcmp(a, "--tokenize")) {
+            o->tokenize = 1;
+            takes_value = 0;
+        } else if (!strcmp(a, "--parse-special")) {
+            o->parse_special = 1;
+            takes_value = 0;
+        } else if (!val) {
+            if (flag_is(a, "-m", "--model") || flag_is(a, "-p", "--prompt") ||
+                flag_is(a, "-f", "--file") || !strcmp(a, "--tokens") ||
+                !strcmp(a, "--logits-out") || flag_is(a, "-n", "--n-predict") ||
+                flag_is(a, "-c", "--ctx-size") || flag_is(a, "-b", "--batch-size") ||
+                flag_is(a, "-t", "--threads") || flag_is(a, "-s", "--seed") ||
+                !strcmp(a, "--temp") || !strcmp(a, "--top-k") || !strcmp(a, "--top-p") ||
+                !strcmp(a, "--min-p") || !strcmp(a, "--repeat-penalty") ||
+                !strcmp(a, "--repeat-last-n"))
+                fprintf(stderr, "moe-run: %s needs a value\n", a);
+            else
+                fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
+            return -1;
+        } else if (flag_is(a, "-m", "--model")) {
+            o->model = val;
+        } else if (flag_is(a, "-p", "--prompt")) {
+            o->prompt = val;
+        } else if (flag_is(a, "-f", "--file")) {
+            o->prompt_file = val;
+        } else if (!strcmp(a, "--tokens")) {
+            o->tokens = val;
+        } else if (!strcmp(a, "--logits-out")) {
+            o->logits_out = val;
+        } else if (flag_is(a, "-n", "--n-predict")) {
+            rc = parse_int(a, val, -1, INT_MAX, &o->n_predict);
+        } else if (flag_is(a, "-c", "--ctx-size")) {
+            rc = parse_int(a, val, 0, INT_MAX, &o->n_ctx);
+        } else if (flag_is(a, "-b", "--batch-size")) {
+            rc = parse_int(a, val, 0, INT_MAX, &o->n_batch);
+        } else if (flag_is(a, "-t", "--threads")) {
+            rc = parse_int(a, val, 1, 1024, &o->n_threads);
+        } else if (flag_is(a, "-s", "--seed")) {
+            rc = parse_seed(a, val, &o->samp.seed);
+        } else if (!strcmp(a, "--temp")) {
+            rc = parse_float(a, val, &o->samp.temp);
+        } else if (!strcmp(a, "--top-k")) {
+            rc = parse_int(a, val, 0, INT32_MAX, &o->samp.top_k);
+        } else if (!strcmp(a, "--top-p")) {
+            rc = parse_float(a, val, &o->samp.top_p);
+        } else if (!strcmp(a, "--min-p")) {
+            rc = parse_float(a, val, &o->samp.min_p);
+        } else if (!strcmp(a, "--repeat-penalty")) {
+            rc = parse_float(a, val, &o->samp.repeat_penalty);
+        } else if (!strcmp(a, "--repeat-last-n")) {
+            rc = parse_int(a, val, 0, INT32_MAX, &o->samp.repeat_last_n);
         } else {
             fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
             return -1;
         }
+        if (rc)
+            return -1;
+        i += takes_value;
+    }
+    int sources = (o->prompt != NULL) + (o->prompt_file != NULL) + (o->tokens != NULL);
+    if (sources > 1) {
+        fprintf(stderr, "moe-run: give one prompt: -p, -f or --tokens\n");
+        return -1;
+    }
+    if (o->tokenize && o->tokens) {
+        fprintf(stderr, "moe-run: --tokenize tokenizes text (-p or -f), not --tokens\n");
+        return -1;
     }
     return 0;
 }
@@ -219,34 +357,438 @@ static int demo_model_path(char *path, size_t size, int n_threads) {
     return 0;
 }
 
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* A growable byte buffer; on allocation failure it keeps what it has and sets failed. */
+struct buf {
+    char *data;
+    size_t len, cap;
+    int failed;
+};
+
+static void buf_put(struct buf *b, const void *p, size_t n) {
+    if (b->failed)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        char *d = realloc(b->data, cap);
+        if (!d) {
+            b->failed = 1;
+            return;
+        }
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+/* A whole file into a NUL-terminated malloc'd buffer (*len bytes); NULL with errno on failure. */
+static char *read_text(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    struct buf b = {0};
+    char chunk[65536];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+        buf_put(&b, chunk, n);
+    int bad = ferror(f) || b.failed;
+    fclose(f);
+    if (bad) {
+        free(b.data);
+        errno = EIO;
+        return NULL;
+    }
+    if (!b.data) {
+        b.data = calloc(1, 1);
+        if (!b.data)
+            return NULL;
+    }
+    *len = b.len;
+    return b.data;
+}
+
+/* "1,2, 3" into ids; the library checks them against the vocabulary. 0 or -1 (message). */
+static int parse_token_list(const char *s, int32_t **out, size_t *n_out) {
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *ids = malloc(cap * sizeof(*ids));
+    if (!ids) {
+        fprintf(stderr, "moe-run: out of memory\n");
+        return -1;
+    }
+    size_t n = 0;
+    const char *p = s;
+    for (;;) {
+        char *end;
+        while (*p == ' ')
+            p++;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > INT32_MAX) {
+            fprintf(stderr, "moe-run: --tokens needs comma-separated ids >= 0, got '%s'\n", s);
+            free(ids);
+            return -1;
+        }
+        ids[n++] = (int32_t)v;
+        p = end;
+        while (*p == ' ')
+            p++;
+        if (*p == '\0')
+            break;
+        if (*p != ',' || n == cap) {
+            fprintf(stderr, "moe-run: --tokens needs comma-separated ids >= 0, got '%s'\n", s);
+            free(ids);
+            return -1;
+        }
+        p++;
+    }
+    *out = ids;
+    *n_out = n;
+    return 0;
+}
+
+static int tokenize_text(const moerun_model *m, const char *text, size_t len, int parse_special,
+                         int32_t **out, size_t *n_out) {
+    size_t cap = len + 16, n = 0;
+    int32_t *ids = NULL;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        ids = malloc((cap ? cap : 1) * sizeof(*ids));
+        if (!ids) {
+            fprintf(stderr, "moe-run: out of memory for %zu tokens\n", cap);
+            return -1;
+        }
+        int rc = moerun_tokenize(m, text, len, 1, parse_special, ids, cap, &n);
+        if (rc == MOERUN_OK) {
+            *out = ids;
+            *n_out = n;
+            return 0;
+        }
+        free(ids);
+        ids = NULL;
+        if (rc != MOERUN_ERR_RANGE || n <= cap) {
+            fprintf(stderr, "moe-run: cannot tokenize the prompt: %s (%s)\n", moerun_errmsg(),
+                    moerun_status_str(rc));
+            return -1;
+        }
+        cap = n;
+    }
+    fprintf(stderr, "moe-run: cannot tokenize the prompt: the token count changed\n");
+    return -1;
+}
+
+static void json_ids(FILE *f, const int32_t *ids, size_t n) {
+    fputc('[', f);
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "%s%d", i ? "," : "", ids[i]);
+    fputc(']', f);
+}
+
+/* A JSON string from UTF-8 text (valid: the detokenizer guarantees it). */
+static void json_string(FILE *f, const char *s, size_t n) {
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        switch (c) {
+        case '"':
+            fputs("\\\"", f);
+            break;
+        case '\\':
+            fputs("\\\\", f);
+            break;
+        case '\n':
+            fputs("\\n", f);
+            break;
+        case '\r':
+            fputs("\\r", f);
+            break;
+        case '\t':
+            fputs("\\t", f);
+            break;
+        default:
+            if (c < 0x20 || c == 0x7f)
+                fprintf(f, "\\u%04x", c);
+            else
+                fputc(c, f);
+        }
+    }
+    fputc('"', f);
+}
+
+/* Write n floats as little-endian float32. 0 or -1 (message). */
+static int write_logits(const char *path, const float *x, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        fprintf(stderr, "moe-run: cannot write %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    const uint32_t one = 1;
+    int little = *(const unsigned char *)&one == 1;
+    size_t written = 0;
+    if (little) {
+        written = fwrite(x, sizeof(float), n, f);
+    } else {
+        for (; written < n; written++) {
+            uint32_t u;
+            memcpy(&u, &x[written], 4);
+            unsigned char b[4] = {(unsigned char)u, (unsigned char)(u >> 8),
+                                  (unsigned char)(u >> 16), (unsigned char)(u >> 24)};
+            if (fwrite(b, 1, 4, f) != 4)
+                break;
+        }
+    }
+    if (fclose(f) != 0 || written != n) {
+        fprintf(stderr, "moe-run: cannot write %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Decode the prompt, then sample, print and decode one token at a time until -n tokens, an
+ * end-of-generation token or a full context. Returns the exit status. */
+static int generate(const struct options *o, moerun_model *m, const int32_t *prompt,
+                    size_t n_prompt, const char *prompt_text, size_t prompt_len) {
+    int status = 1, rc;
+    const uint32_t n_vocab = moerun_model_n_vocab(m);
+    moerun_session *s = NULL;
+    moerun_sampler *smp = NULL;
+    float *logits = NULL;
+    int32_t *gen = NULL;
+    struct buf text = {0};
+
+    rc = moerun_sampler_create(&o->samp, n_vocab, &smp);
+    if (rc != MOERUN_OK) {
+        fprintf(stderr, "moe-run: bad sampling parameters: %s (%s)\n", moerun_errmsg(),
+                moerun_status_str(rc));
+        goto out;
+    }
+
+    moerun_session_params sp;
+    moerun_session_params_init(&sp);
+    sp.n_ctx = (uint32_t)o->n_ctx;
+    sp.n_batch = (uint32_t)o->n_batch;
+    sp.n_threads = o->n_threads;
+    rc = moerun_session_create(m, &sp, &s);
+    if (rc != MOERUN_OK) {
+        fprintf(stderr, "moe-run: cannot create a session: %s (%s)\n", moerun_errmsg(),
+                moerun_status_str(rc));
+        goto out;
+    }
+    const uint32_t n_ctx = moerun_session_n_ctx(s);
+    if (n_prompt > n_ctx) {
+        fprintf(stderr,
+                "moe-run: the prompt (%zu tokens) is longer than the context (%u tokens; "
+                "see -c)\n",
+                n_prompt, n_ctx);
+        goto out;
+    }
+    /* logits: every prompt position with --logits-out, else the last one */
+    const size_t rows = o->logits_out ? n_prompt : 1;
+    if (n_vocab == 0 || rows > SIZE_MAX / sizeof(float) / n_vocab ||
+        !(logits = malloc(rows * n_vocab * sizeof(float)))) {
+        fprintf(stderr, "moe-run: out of memory for %zu x %u logits\n", rows, n_vocab);
+        goto out;
+    }
+    const size_t n_gen_max = o->n_predict < 0 ? n_ctx : (size_t)o->n_predict;
+    gen = malloc((n_gen_max ? n_gen_max : 1) * sizeof(*gen));
+    if (!gen) {
+        fprintf(stderr, "moe-run: out of memory\n");
+        goto out;
+    }
+
+    if (!o->json && prompt_text) {
+        fwrite(prompt_text, 1, prompt_len, stdout);
+        fflush(stdout);
+    }
+    const double t0 = now_ms();
+    rc = moerun_session_decode(s, prompt, n_prompt, logits, o->logits_out != NULL);
+    if (rc != MOERUN_OK) {
+        fprintf(stderr, "moe-run: cannot evaluate the prompt: %s (%s)\n", moerun_errmsg(),
+                moerun_status_str(rc));
+        for (size_t i = 0; i < n_prompt; i++)
+            if (prompt[i] < 0 || (uint32_t)prompt[i] >= n_vocab) {
+                fprintf(stderr,
+                        "moe-run: token id %d at position %zu is out of range (the "
+                        "vocabulary has %u tokens)\n",
+                        prompt[i], i, n_vocab);
+                break;
+            }
+        goto out;
+    }
+    const double t1 = now_ms();
+    if (o->logits_out && write_logits(o->logits_out, logits, n_prompt * (size_t)n_vocab) != 0)
+        goto out;
+    float *last = logits + (rows - 1) * (size_t)n_vocab;
+    for (size_t i = 0; i < n_prompt; i++)
+        moerun_sampler_accept(smp, prompt[i]);
+
+    size_t n_gen = 0;
+    moerun_detok dt;
+    memset(&dt, 0, sizeof(dt));
+    char piece[1024];
+    while (n_gen < n_gen_max) {
+        int32_t tok = moerun_sampler_sample(smp, last);
+        if (tok < 0) {
+            fprintf(stderr, "moe-run: cannot sample: %s (%s)\n", moerun_errmsg(),
+                    moerun_status_str(tok));
+            goto out;
+        }
+        if (moerun_token_is_eog(m, tok))
+            break;
+        moerun_sampler_accept(smp, tok);
+        gen[n_gen++] = tok;
+        int np = moerun_detok_push(m, &dt, tok, piece, sizeof(piece));
+        if (np < 0) {
+            fprintf(stderr, "moe-run: cannot detokenize token %d: %s\n", tok, moerun_errmsg());
+            goto out;
+        }
+        buf_put(&text, piece, (size_t)np);
+        if (!o->json && np > 0) {
+            fwrite(piece, 1, (size_t)np, stdout);
+            fflush(stdout);
+        }
+        if (moerun_session_n_past(s) >= n_ctx) {
+            if (n_gen < n_gen_max)
+                fprintf(stderr, "%smoe-run: the context is full (%u tokens; see -c)\n",
+                        o->json ? "" : "\n", n_ctx);
+            break;
+        }
+        rc = moerun_session_decode(s, &tok, 1, last, 0);
+        if (rc != MOERUN_OK) {
+            fprintf(stderr, "moe-run: cannot evaluate token %d: %s (%s)\n", tok, moerun_errmsg(),
+                    moerun_status_str(rc));
+            goto out;
+        }
+    }
+    int np = moerun_detok_flush(&dt, piece, sizeof(piece));
+    if (np > 0) {
+        buf_put(&text, piece, (size_t)np);
+        if (!o->json)
+            fwrite(piece, 1, (size_t)np, stdout);
+    }
+    const double t2 = now_ms();
+    if (text.failed) {
+        fprintf(stderr, "moe-run: out of memory for the generated text\n");
+        goto out;
+    }
+
+    const double prompt_ms = t1 - t0, gen_ms = t2 - t1;
+    const double prompt_tps = prompt_ms > 0 ? n_prompt * 1e3 / prompt_ms : 0;
+    const double gen_tps = gen_ms > 0 && n_gen ? n_gen * 1e3 / gen_ms : 0;
+    if (o->json) {
+        printf("{\"prompt_tokens\":");
+        json_ids(stdout, prompt, n_prompt);
+        printf(",\"tokens\":");
+        json_ids(stdout, gen, n_gen);
+        printf(",\"text\":");
+        json_string(stdout, text.data ? text.data : "", text.len);
+        printf(",\"stats\":{\"prompt_tokens\":%zu,\"prompt_ms\":%.3f,\"prompt_tps\":%.2f,"
+               "\"gen_tokens\":%zu,\"gen_ms\":%.3f,\"gen_tps\":%.2f}}\n",
+               n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
+    } else {
+        printf("\n");
+    }
+    fflush(stdout);
+    fprintf(stderr,
+            "moe-run: prompt: %zu tokens in %.1f ms (%.1f tok/s)  decode: %zu tokens in %.1f ms "
+            "(%.1f tok/s)\n",
+            n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
+    status = 0;
+out:
+    free(text.data);
+    free(gen);
+    free(logits);
+    moerun_sampler_destroy(smp);
+    moerun_session_destroy(s);
+    return status;
+}
+
 int main(int argc, char **argv) {
-    struct options o = {0};
+    struct options o = {.n_predict = 64};
+    moerun_sampler_params_init(&o.samp);
     int rc = parse_args(argc, argv, &o);
     if (rc != 0)
         return rc > 0 ? 0 : 2;
+    if (o.tokenize && !o.prompt && !o.prompt_file) {
+        fprintf(stderr, "moe-run: --tokenize needs a text (-p or -f)\n");
+        return 2;
+    }
 
+    /* the prompt text first: a file that does not open fails before the model is read */
+    char *file_text = NULL;
+    const char *text = NULL;
+    size_t text_len = 0;
+    if (o.prompt_file) {
+        file_text = read_text(o.prompt_file, &text_len);
+        if (!file_text) {
+            fprintf(stderr, "moe-run: cannot read the prompt file %s: %s\n", o.prompt_file,
+                    strerror(errno));
+            return 1;
+        }
+        text = file_text;
+    } else if (o.prompt) {
+        text = o.prompt;
+        text_len = strlen(text);
+    } else if (!o.tokens) {
+        text = DEFAULT_PROMPT;
+        text_len = strlen(text);
+    }
+
+    int status = 1;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    moerun_model *m = NULL;
     char demo[PATH_MAX];
     const char *path = o.model;
+    if (o.tokens && parse_token_list(o.tokens, &ids, &n_ids) != 0) {
+        status = 2;
+        goto out;
+    }
     if (!path) {
         if (demo_model_path(demo, sizeof(demo), o.n_threads) != 0)
-            return 1;
+            goto out;
         path = demo;
     }
 
     moerun_model_params mp;
     moerun_model_params_init(&mp);
     mp.n_threads = o.n_threads;
-    moerun_model *m = NULL;
+    mp.metadata_only = o.info || o.tokenize; /* vocab-only files work for these */
     rc = moerun_model_open(path, &mp, &m);
     if (rc != MOERUN_OK) {
         fprintf(stderr, "moe-run: cannot open %s: %s (%s)\n", path, moerun_errmsg(),
                 moerun_status_str(rc));
-        return 1;
+        goto out;
     }
-    if (!o.info)
-        fprintf(stderr, "moe-run: generation arrives with the forward pass (next milestone); "
-                        "showing the model summary\n");
-    rc = print_info(path, m, o.meta);
+    if (o.info) {
+        status = print_info(path, m, o.meta) == 0 ? 0 : 1;
+        goto out;
+    }
+    if (text && tokenize_text(m, text, text_len, o.parse_special, &ids, &n_ids) != 0)
+        goto out;
+    if (o.tokenize) {
+        json_ids(stdout, ids, n_ids);
+        printf("\n");
+        status = fflush(stdout) == 0 ? 0 : 1;
+        goto out;
+    }
+    if (n_ids == 0) {
+        fprintf(stderr, "moe-run: the prompt is empty (no tokens)\n");
+        goto out;
+    }
+    status = generate(&o, m, ids, n_ids, o.tokens ? NULL : text, text_len);
+out:
     moerun_model_close(m);
-    return rc == 0 ? 0 : 1;
+    free(ids);
+    free(file_text);
+    return status;
 }
