@@ -1,0 +1,136 @@
+/* Scheduler (internal): which weight section is in which slot of the host tier, and when to
+ * load what.
+ *
+ * A section is what the scheduler moves as one: a layer's dense part (attention, norms,
+ * router, shared expert) or one expert of a layer (its gate, up and down ranges). Host memory
+ * is carved into slots of two sizes:
+ *   - dense slots: when every layer's dense part fits, each stays resident; otherwise they
+ *     form a ring that layers flow through in execution order, round-robin, each loaded
+ *     ahead of its use (SE-MoE's ring memory);
+ *   - expert slots: a cache with a selectable eviction policy (LRU, LFU, predicted use).
+ * Prefetch: the forward pass tells the scheduler which experts it predicts a later layer will
+ * choose; the scheduler starts loading those that are not resident into slots it can free.
+ *
+ * The scheduler does no I/O itself: it drives a loader through struct sched_loader (the NVMe
+ * tier in the engine, a fake in the tests) and learns of completions through sched_load_done,
+ * which may be called from any thread. It never includes io_uring or CUDA headers.
+ *
+ * Thread model: one compute thread calls everything but sched_load_done; the loader's thread
+ * calls sched_load_done. All waiting is on one mutex and condition variable.
+ */
+#ifndef MOERUN_SCHED_H
+#define MOERUN_SCHED_H
+
+#include "moerun.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define SCHED_MAX_RANGES 24 /* tensors in one section (a dense part has up to ~17) */
+
+enum sched_policy {
+    SCHED_POLICY_LRU,       /* evict the expert used longest ago */
+    SCHED_POLICY_LFU,       /* evict the expert used least often (ties: longest ago) */
+    SCHED_POLICY_PREDICTED, /* evict the expert with the lowest predicted use, then LRU */
+};
+
+/* One byte range of the model file that belongs to a section, and where it lands in the slot:
+ * the loader reads [file_offset, +bytes) (TIER_ALIGN-aligned) to slot + slot_offset, and the
+ * tensor starts at slot + slot_offset + slack. Filled by the engine (runtime), which knows the
+ * tensors; the scheduler only copies the descriptions to the loader. */
+struct sched_range {
+    uint64_t file_offset;
+    uint64_t bytes;
+    uint64_t slot_offset;
+};
+
+struct sched_section {
+    uint32_t layer;
+    int32_t expert; /* -1: the layer's dense part */
+    uint32_t n_ranges;
+    struct sched_range ranges[SCHED_MAX_RANGES];
+    uint64_t slot_bytes; /* bytes of slot this section needs */
+};
+
+/* Start loading a section into slot memory dst; call sched_load_done(s, tag, status) once it
+ * has all landed (from any thread). Returns MOERUN_OK or an error (then no callback). */
+struct sched_loader {
+    int (*load)(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag);
+    void *ctx;
+};
+
+struct sched_params {
+    uint32_t n_layer;
+    uint32_t n_expert;
+    uint32_t n_expert_used;      /* k: the most experts one token needs in a layer */
+    void *region;                /* host tier memory the slots are carved from */
+    uint64_t region_bytes;
+    enum sched_policy policy;
+    bool prefetch;               /* act on predictions */
+    uint32_t ring_ahead;         /* dense parts loaded ahead in the ring; 0 = as many as fit */
+};
+
+/* The least region_bytes that runs: 2 dense slots when the dense parts do not all fit (or all
+ * of them) plus k expert slots, with alignment. */
+uint64_t sched_min_bytes(const struct sched_params *p, const struct sched_section *sections,
+                         uint32_t n_sections);
+
+/* sections: n_layer dense parts then n_layer * n_expert experts, index = sched_section_index.
+ * Returns MOERUN_OK or MOERUN_ERR_BUDGET naming the minimum. */
+int sched_create(const struct sched_params *p, const struct sched_section *sections,
+                 uint32_t n_sections, struct sched_loader loader, struct sched **out);
+void sched_destroy(struct sched *s); /* waits for loads in flight; NULL is a no-op */
+
+static inline uint32_t sched_section_index(uint32_t n_layer, uint32_t n_expert, uint32_t layer,
+                                           int32_t expert) {
+    return expert < 0 ? layer : n_layer + layer * n_expert + (uint32_t)expert;
+}
+
+/* Completion from the loader (any thread). */
+void sched_load_done(struct sched *s, uint64_t tag, int status, const char *msg);
+
+/* --- the forward pass's calls, in order, per layer ------------------------------------------ */
+
+/* The dense part of layer l, resident (waits for its load; starts the ring's loads ahead).
+ * Returns MOERUN_OK and *base (the slot), or the load's error. */
+int sched_dense_acquire(struct sched *s, uint32_t layer, const void **base);
+void sched_dense_release(struct sched *s, uint32_t layer);
+
+/* The experts layer l needs now (the union over the batch's tokens), n <= n_expert: start the
+ * loads of those not resident, as slots allow, most needed first. */
+int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *experts, uint32_t n);
+
+/* The next requested expert of layer l that is resident and not yet handed out (waits for one
+ * when none is): *expert and *base. Returns MOERUN_OK, 1 when all requested were handed out,
+ * or a load error. Release each when computed (frees its slot for the rest). */
+int sched_experts_next(struct sched *s, uint32_t layer, int32_t *expert, const void **base);
+void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert);
+
+/* Prediction for a later layer: scores (probabilities) of its n_expert experts. With prefetch
+ * on, the top n_expert_used not resident are loaded into slots whose experts are not needed
+ * now; predictions are also what precision/recall are measured on. */
+void sched_predict(struct sched *s, uint32_t layer, const float *scores);
+
+/* --- statistics ----------------------------------------------------------------------------- */
+
+struct sched_stats {
+    uint64_t bytes_loaded;       /* bytes the loader was asked for */
+    uint64_t loads;              /* sections loaded */
+    uint64_t expert_hits;        /* needed expert already resident (or loading from a prefetch) */
+    uint64_t expert_misses;      /* needed expert not resident: loaded on demand */
+    uint64_t dense_hits, dense_misses;
+    uint64_t prefetch_issued;    /* expert loads started from predictions */
+    uint64_t prefetch_used;      /* of those, experts needed before their eviction */
+    uint64_t predicted;          /* predicted experts (top-k of each prediction) */
+    uint64_t predicted_correct;  /* of those, in the set the layer then needed */
+    uint64_t needed;             /* experts needed by layers that had a prediction */
+    uint64_t stall_ns;           /* time the compute thread waited for loads */
+    uint64_t *layer_hits;        /* [n_layer], owned by the scheduler */
+    uint64_t *layer_misses;      /* [n_layer] */
+};
+
+/* A snapshot (the per-layer arrays point into the scheduler; valid until it is destroyed). */
+void sched_get_stats(const struct sched *s, struct sched_stats *out);
+void sched_reset_stats(struct sched *s);
+
+#endif /* MOERUN_SCHED_H */
