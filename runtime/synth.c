@@ -35,7 +35,7 @@ void moerun_synth_params_init(moerun_synth_params *p) {
     p->n_expert_used = 2;
     p->n_ff = 512;
     p->n_ctx = 4096;
-    p->rope_freq_base = 10000.0f;
+    p->rope_freq_base = 0.0f; /* the architecture's */
     p->rms_eps = 1e-5f;
     p->n_threads = 0;
 }
@@ -105,57 +105,97 @@ static int plan_add(struct synth_plan *plan, const char *name, int type, uint32_
     return MOERUN_OK;
 }
 
-/* Mixtral: GGUF arch "llama" with experts; tensors in llama.cpp's names and order. */
-static int plan_mixtral(const moerun_synth_params *p, struct synth_plan *plan) {
-    const int wt = p->weight_type;
+/* What an architecture adds to the Mixtral layer (docs/architectures.md). */
+enum synth_flags {
+    SYNTH_QKV_BIAS = 1u << 0,     /* qwen2moe: q/k/v biases */
+    SYNTH_QK_NORM_HEAD = 1u << 1, /* qwen3moe: q/k RMSNorm per head, [hd] */
+    SYNTH_QK_NORM_FULL = 1u << 2, /* olmoe: q/k RMSNorm over the whole projection */
+    SYNTH_SHARED_EXP = 1u << 3,   /* qwen2moe: a shared expert with a sigmoid gate */
+    SYNTH_HEAD_DIM = 1u << 4,     /* writes attention.key_length / value_length */
+};
+
+struct synth_arch {
+    const char *name;      /* moe-synth --arch */
+    const char *gguf_arch; /* general.architecture */
+    unsigned flags;        /* enum synth_flags */
+    float rope_freq_base;  /* default RoPE base, as the real models of the family */
+};
+
+static const struct synth_arch synth_archs[] = {
+    {"mixtral", "llama", 0, 1e4f},
+    {"qwen2moe", "qwen2moe", SYNTH_QKV_BIAS | SYNTH_SHARED_EXP, 1e6f},
+    {"qwen3moe", "qwen3moe", SYNTH_QK_NORM_HEAD | SYNTH_HEAD_DIM, 1e6f},
+    {"olmoe", "olmoe", SYNTH_QK_NORM_FULL, 1e4f},
+};
+
+#define SYNTH_ARCH_NAMES "mixtral, qwen2moe, qwen3moe, olmoe"
+
+static uint32_t synth_head_dim(const moerun_synth_params *p) {
+    return p->n_head_dim ? p->n_head_dim : p->n_embd / p->n_head;
+}
+
+static uint32_t synth_ff_shared(const moerun_synth_params *p) {
+    return p->n_ff_shared ? p->n_ff_shared : 2 * p->n_ff;
+}
+
+/* The tensors of one model, in llama.cpp's names and order: the Mixtral layer plus what the
+ * architecture's flags add. */
+static int plan_build(const moerun_synth_params *p, unsigned flags, struct synth_plan *plan) {
+    const int wt = p->weight_type, f32 = MOERUN_TYPE_F32;
     const uint64_t d = p->n_embd, v = p->n_vocab, ff = p->n_ff, ne = p->n_expert;
-    const uint64_t dkv = d / p->n_head * p->n_head_kv;
+    const uint64_t hd = synth_head_dim(p), dq = hd * p->n_head, dkv = hd * p->n_head_kv;
+    const uint64_t fsh = synth_ff_shared(p);
     const float sd = 1.0f / sqrtf((float)d), sff = 1.0f / sqrtf((float)ff);
+    const float sq = 1.0f / sqrtf((float)dq), ssh = 1.0f / sqrtf((float)fsh);
     char name[64];
     int rc = plan_add(plan, "token_embd.weight", wt, 2, d, v, 1, INIT_NORMAL, 1.0f);
     for (uint32_t il = 0; il < p->n_layer && rc == MOERUN_OK; il++) {
         const struct {
             const char *suffix;
+            unsigned need; /* flags that add the tensor; 0 = always */
             int type;
             uint32_t n_dims;
             uint64_t ne0, ne1, ne2;
             enum init_kind init;
             float scale;
         } parts[] = {
-            {"attn_norm.weight", MOERUN_TYPE_F32, 1, d, 1, 1, INIT_NORM, 0.1f},
-            {"attn_q.weight", wt, 2, d, d, 1, INIT_NORMAL, sd},
-            {"attn_k.weight", wt, 2, d, dkv, 1, INIT_NORMAL, sd},
-            {"attn_v.weight", wt, 2, d, dkv, 1, INIT_NORMAL, sd},
-            {"attn_output.weight", wt, 2, d, d, 1, INIT_NORMAL, sd},
-            {"ffn_norm.weight", MOERUN_TYPE_F32, 1, d, 1, 1, INIT_NORM, 0.1f},
+            {"attn_norm.weight", 0, f32, 1, d, 1, 1, INIT_NORM, 0.1f},
+            {"attn_q.weight", 0, wt, 2, d, dq, 1, INIT_NORMAL, sd},
+            {"attn_q.bias", SYNTH_QKV_BIAS, f32, 1, dq, 1, 1, INIT_NORMAL, 0.2f},
+            {"attn_k.weight", 0, wt, 2, d, dkv, 1, INIT_NORMAL, sd},
+            {"attn_k.bias", SYNTH_QKV_BIAS, f32, 1, dkv, 1, 1, INIT_NORMAL, 0.2f},
+            {"attn_v.weight", 0, wt, 2, d, dkv, 1, INIT_NORMAL, sd},
+            {"attn_v.bias", SYNTH_QKV_BIAS, f32, 1, dkv, 1, 1, INIT_NORMAL, 0.2f},
+            {"attn_q_norm.weight", SYNTH_QK_NORM_HEAD, f32, 1, hd, 1, 1, INIT_NORM, 0.1f},
+            {"attn_k_norm.weight", SYNTH_QK_NORM_HEAD, f32, 1, hd, 1, 1, INIT_NORM, 0.1f},
+            {"attn_q_norm.weight", SYNTH_QK_NORM_FULL, f32, 1, dq, 1, 1, INIT_NORM, 0.1f},
+            {"attn_k_norm.weight", SYNTH_QK_NORM_FULL, f32, 1, dkv, 1, 1, INIT_NORM, 0.1f},
+            {"attn_output.weight", 0, wt, 2, dq, d, 1, INIT_NORMAL, sq},
+            {"ffn_norm.weight", 0, f32, 1, d, 1, 1, INIT_NORM, 0.1f},
             /* router: wider than the rest so routing is decisive */
-            {"ffn_gate_inp.weight", MOERUN_TYPE_F32, 2, d, ne, 1, INIT_NORMAL, 4.0f * sd},
-            {"ffn_gate_exps.weight", wt, 3, d, ff, ne, INIT_NORMAL, sd},
-            {"ffn_down_exps.weight", wt, 3, ff, d, ne, INIT_NORMAL, sff},
-            {"ffn_up_exps.weight", wt, 3, d, ff, ne, INIT_NORMAL, sd},
+            {"ffn_gate_inp.weight", 0, f32, 2, d, ne, 1, INIT_NORMAL, 4.0f * sd},
+            {"ffn_gate_exps.weight", 0, wt, 3, d, ff, ne, INIT_NORMAL, sd},
+            {"ffn_down_exps.weight", 0, wt, 3, ff, d, ne, INIT_NORMAL, sff},
+            {"ffn_up_exps.weight", 0, wt, 3, d, ff, ne, INIT_NORMAL, sd},
+            {"ffn_gate_inp_shexp.weight", SYNTH_SHARED_EXP, f32, 1, d, 1, 1, INIT_NORMAL, sd},
+            {"ffn_gate_shexp.weight", SYNTH_SHARED_EXP, wt, 2, d, fsh, 1, INIT_NORMAL, sd},
+            {"ffn_down_shexp.weight", SYNTH_SHARED_EXP, wt, 2, fsh, d, 1, INIT_NORMAL, ssh},
+            {"ffn_up_shexp.weight", SYNTH_SHARED_EXP, wt, 2, d, fsh, 1, INIT_NORMAL, sd},
         };
         for (size_t i = 0; i < MR_ARRAY_LEN(parts) && rc == MOERUN_OK; i++) {
+            if (parts[i].need && !(parts[i].need & flags))
+                continue;
             snprintf(name, sizeof(name), "blk.%u.%s", il, parts[i].suffix);
             rc = plan_add(plan, name, parts[i].type, parts[i].n_dims, parts[i].ne0, parts[i].ne1,
                           parts[i].ne2, parts[i].init, parts[i].scale);
         }
     }
     if (rc == MOERUN_OK)
-        rc = plan_add(plan, "output_norm.weight", MOERUN_TYPE_F32, 1, d, 1, 1, INIT_NORM, 0.1f);
+        rc = plan_add(plan, "output_norm.weight", f32, 1, d, 1, 1, INIT_NORM, 0.1f);
     if (rc == MOERUN_OK)
         rc = plan_add(plan, "output.weight", wt, 2, d, v, 1, INIT_NORMAL, sd);
     return rc;
 }
-
-struct synth_arch {
-    const char *name;      /* moe-synth --arch */
-    const char *gguf_arch; /* general.architecture */
-    int (*plan)(const moerun_synth_params *p, struct synth_plan *plan);
-};
-
-static const struct synth_arch synth_archs[] = {
-    {"mixtral", "llama", plan_mixtral},
-};
 
 static int check_params(const moerun_synth_params *p, const struct synth_arch **arch) {
     if (!p || p->struct_size < sizeof(*p))
@@ -167,7 +207,8 @@ static int check_params(const moerun_synth_params *p, const struct synth_arch **
             *arch = &synth_archs[i];
     }
     if (!*arch)
-        return mr_err(MOERUN_ERR_UNSUPPORTED, "synth: unknown architecture '%s' (known: mixtral)",
+        return mr_err(MOERUN_ERR_UNSUPPORTED,
+                      "synth: unknown architecture '%s' (known: " SYNTH_ARCH_NAMES ")",
                       p->arch ? p->arch : "(null)");
     if (!moerun_type_is_supported(p->weight_type))
         return mr_err(MOERUN_ERR_UNSUPPORTED, "synth: weight type %d (%s) is not supported",
@@ -190,10 +231,19 @@ static int check_params(const moerun_synth_params *p, const struct synth_arch **
                       p->n_ff, blck, moerun_type_name(p->weight_type));
     if (p->n_layer == 0 || p->n_layer > 4096)
         return mr_err(MOERUN_ERR_INVALID_ARG, "synth: n_layer %u must be in [1, 4096]", p->n_layer);
-    if (p->n_head == 0 || p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0)
+    if (p->n_head == 0 || p->n_head > 4096)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "synth: n_head %u must be in [1, 4096]", p->n_head);
+    if (p->n_head_dim == 0 && (p->n_embd % p->n_head != 0 || (p->n_embd / p->n_head) % 2 != 0))
         return mr_err(MOERUN_ERR_INVALID_ARG,
-                      "synth: n_head %u must divide n_embd %u into heads of even size", p->n_head,
-                      p->n_embd);
+                      "synth: n_head %u must divide n_embd %u into heads of even size "
+                      "(or set n_head_dim)",
+                      p->n_head, p->n_embd);
+    if (p->n_head_dim != 0 &&
+        (p->n_head_dim % 2 != 0 || p->n_head_dim > 4096 || p->n_head * p->n_head_dim % blck != 0))
+        return mr_err(MOERUN_ERR_INVALID_ARG,
+                      "synth: n_head_dim %u must be even, <= 4096, and n_head x n_head_dim a "
+                      "multiple of %u (the %s block size)",
+                      p->n_head_dim, blck, moerun_type_name(p->weight_type));
     if (p->n_head_kv == 0 || p->n_head % p->n_head_kv != 0)
         return mr_err(MOERUN_ERR_INVALID_ARG, "synth: n_head_kv %u must divide n_head %u",
                       p->n_head_kv, p->n_head);
@@ -202,10 +252,17 @@ static int check_params(const moerun_synth_params *p, const struct synth_arch **
         return mr_err(MOERUN_ERR_INVALID_ARG,
                       "synth: need 1 <= n_expert_used (%u) <= n_expert (%u) <= 1024",
                       p->n_expert_used, p->n_expert);
+    if (p->n_ff_shared > limit || p->n_ff_shared % blck != 0)
+        return mr_err(MOERUN_ERR_INVALID_ARG,
+                      "synth: n_ff_shared %u must be a multiple of %u (the %s block size), "
+                      "at most 2^20",
+                      p->n_ff_shared, blck, moerun_type_name(p->weight_type));
     if (p->n_ctx == 0)
         return mr_err(MOERUN_ERR_INVALID_ARG, "synth: n_ctx must be positive");
-    if (!(p->rope_freq_base > 0) || !(p->rms_eps > 0))
-        return mr_err(MOERUN_ERR_INVALID_ARG, "synth: rope_freq_base and rms_eps must be > 0");
+    if (!(p->rope_freq_base >= 0) || !(p->rms_eps > 0))
+        return mr_err(MOERUN_ERR_INVALID_ARG,
+                      "synth: rope_freq_base must be >= 0 (0 = the architecture's) and "
+                      "rms_eps > 0");
     return MOERUN_OK;
 }
 
@@ -224,39 +281,52 @@ static const char *const synth_words[] = {
     "did",   "get",    "come", "made", "may",   "part",   "model", "expert", "memory", "disk",
 };
 
-/* The text of token id (id >= 259), unique: words, then letter pairs and triples, with and
- * without the word-start mark, then numbered fillers. */
-static void synth_piece(uint32_t id, char *buf, size_t size) {
-    static const char mark[] = "\xe2\x96\x81"; /* U+2581, SentencePiece's space */
-    uint64_t i = id - 259;
+static const char synth_mark[] = "\xe2\x96\x81"; /* U+2581, SentencePiece's space */
+
+/* Candidate piece number i: the words with the word-start mark, then letters, letter pairs and
+ * triples, each without and with the mark, then numbered fillers. Later candidates can repeat
+ * an earlier word ("an", "the"): write_vocab skips those. */
+static void synth_candidate(uint64_t i, char *buf, size_t size) {
     const uint64_t nw = MR_ARRAY_LEN(synth_words);
     if (i < nw) {
-        snprintf(buf, size, "%s%s", mark, synth_words[i]);
+        snprintf(buf, size, "%s%s", synth_mark, synth_words[i]);
         return;
     }
     i -= nw;
     if (i < 2 * 26) {
-        snprintf(buf, size, "%s%c", i < 26 ? mark : "", (char)('a' + i % 26));
+        snprintf(buf, size, "%s%c", i < 26 ? "" : synth_mark, (char)('a' + i % 26));
         return;
     }
     i -= 2 * 26;
     if (i < 2 * 26 * 26) {
         uint64_t j = i % (26 * 26);
-        snprintf(buf, size, "%s%c%c", i < 26 * 26 ? "" : mark, (char)('a' + j / 26),
+        snprintf(buf, size, "%s%c%c", i < 26 * 26 ? "" : synth_mark, (char)('a' + j / 26),
                  (char)('a' + j % 26));
         return;
     }
     i -= 2 * 26 * 26;
     if (i < 2 * 26 * 26 * 26) {
         uint64_t j = i % (26 * 26 * 26);
-        snprintf(buf, size, "%s%c%c%c", i < 26 * 26 * 26 ? "" : mark, (char)('a' + j / 676),
+        snprintf(buf, size, "%s%c%c%c", i < 26 * 26 * 26 ? "" : synth_mark, (char)('a' + j / 676),
                  (char)('a' + j / 26 % 26), (char)('a' + j % 26));
         return;
     }
     snprintf(buf, size, "<extra_%llu>", (unsigned long long)(i - 2 * 26 * 26 * 26));
 }
 
-#define SYNTH_PIECE_MAX 24
+/* Whether candidate text (past the words) repeats one of the words. */
+static bool synth_is_word(const char *piece) {
+    const size_t nm = sizeof(synth_mark) - 1;
+    if (strncmp(piece, synth_mark, nm) != 0)
+        return false;
+    for (size_t i = 0; i < MR_ARRAY_LEN(synth_words); i++) {
+        if (strcmp(piece + nm, synth_words[i]) == 0)
+            return true;
+    }
+    return false;
+}
+
+#define SYNTH_PIECE_MAX 32
 
 static int write_vocab(struct gguf_writer *w, uint32_t n_vocab) {
     int rc = MOERUN_ERR_NOMEM;
@@ -269,6 +339,7 @@ static int write_vocab(struct gguf_writer *w, uint32_t n_vocab) {
         goto out_free;
     }
     static const char *const special[3] = {"<unk>", "<s>", "</s>"};
+    uint64_t cand = 0; /* next candidate piece */
     for (uint32_t id = 0; id < n_vocab; id++) {
         char *t = text + (size_t)id * SYNTH_PIECE_MAX;
         if (id < 3) {
@@ -280,7 +351,9 @@ static int write_vocab(struct gguf_writer *w, uint32_t n_vocab) {
             types[id] = 6; /* byte */
             scores[id] = 0.0f;
         } else {
-            synth_piece(id, t, SYNTH_PIECE_MAX);
+            do
+                synth_candidate(cand++, t, SYNTH_PIECE_MAX);
+            while (cand > MR_ARRAY_LEN(synth_words) && synth_is_word(t));
             types[id] = 1; /* normal */
             scores[id] = -(float)(id - 259);
         }
@@ -322,29 +395,39 @@ static int write_metadata(struct gguf_writer *w, const moerun_synth_params *p,
         rc = gguf_writer_set_str(w, "general.name", name);
     if (rc == MOERUN_OK)
         rc = gguf_writer_set_u64(w, "moerun.synth.seed", p->seed);
+    const uint32_t hd = synth_head_dim(p);
+    const bool head_dim = (arch->flags & SYNTH_HEAD_DIM) || p->n_head_dim != 0;
     const struct {
         const char *suffix;
+        bool present;
         uint32_t value;
     } u32s[] = {
-        {"vocab_size", p->n_vocab},
-        {"context_length", p->n_ctx},
-        {"embedding_length", p->n_embd},
-        {"block_count", p->n_layer},
-        {"feed_forward_length", p->n_ff},
-        {"expert_feed_forward_length", p->n_ff},
-        {"attention.head_count", p->n_head},
-        {"attention.head_count_kv", p->n_head_kv},
-        {"rope.dimension_count", p->n_embd / p->n_head},
-        {"expert_count", p->n_expert},
-        {"expert_used_count", p->n_expert_used},
+        {"vocab_size", true, p->n_vocab},
+        {"context_length", true, p->n_ctx},
+        {"embedding_length", true, p->n_embd},
+        {"block_count", true, p->n_layer},
+        {"feed_forward_length", true, p->n_ff},
+        {"expert_feed_forward_length", true, p->n_ff},
+        {"expert_shared_feed_forward_length", (arch->flags & SYNTH_SHARED_EXP) != 0,
+         synth_ff_shared(p)},
+        {"attention.head_count", true, p->n_head},
+        {"attention.head_count_kv", true, p->n_head_kv},
+        {"attention.key_length", head_dim, hd},
+        {"attention.value_length", head_dim, hd},
+        {"rope.dimension_count", true, hd},
+        {"expert_count", true, p->n_expert},
+        {"expert_used_count", true, p->n_expert_used},
     };
     for (size_t i = 0; i < MR_ARRAY_LEN(u32s) && rc == MOERUN_OK; i++) {
+        if (!u32s[i].present)
+            continue;
         snprintf(key, sizeof(key), "%s.%s", a, u32s[i].suffix);
         rc = gguf_writer_set_u32(w, key, u32s[i].value);
     }
     if (rc == MOERUN_OK) {
         snprintf(key, sizeof(key), "%s.rope.freq_base", a);
-        rc = gguf_writer_set_f32(w, key, p->rope_freq_base);
+        rc = gguf_writer_set_f32(w, key,
+                                 p->rope_freq_base > 0 ? p->rope_freq_base : arch->rope_freq_base);
     }
     if (rc == MOERUN_OK) {
         snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", a);
@@ -455,7 +538,7 @@ int moerun_synth_write(const moerun_synth_params *p, const char *path) {
     char *tmp = NULL;
     int fd = -1;
 
-    rc = arch->plan(p, &plan);
+    rc = plan_build(p, arch->flags, &plan);
     if (rc != MOERUN_OK)
         goto out;
     rc = gguf_writer_create(NULL, &w);

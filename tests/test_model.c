@@ -108,6 +108,33 @@ static void test_synth_and_info(void **state) {
     }
 }
 
+/* A large synthetic vocabulary has no duplicate pieces: its tokenizer loads. */
+static void test_synth_large_vocab(void **state) {
+    (void)state;
+    moerun_synth_params p;
+    small_params(&p, MOERUN_TYPE_Q8_0);
+    p.n_vocab = 40000;
+    p.n_embd = 64;
+    p.n_ff = 64;
+    p.n_layer = 1;
+    char *path = strdup(tu_tmp_path(".gguf"));
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_OK);
+    moerun_model_params mp;
+    moerun_model_params_init(&mp);
+    mp.metadata_only = 1;
+    moerun_model *m = NULL;
+    if (moerun_model_open(path, &mp, &m) != MOERUN_OK)
+        fail_msg("%s", moerun_errmsg());
+    assert_int_equal(moerun_model_n_vocab(m), p.n_vocab);
+    int32_t ids[16];
+    size_t n = 0;
+    assert_int_equal(moerun_tokenize(m, "the model", 9, 1, 0, ids, 16, &n), MOERUN_OK);
+    assert_true(n >= 2);
+    moerun_model_close(m);
+    unlink(path);
+    free(path);
+}
+
 static void test_synth_deterministic(void **state) {
     (void)state;
     moerun_synth_params p;
@@ -125,6 +152,110 @@ static void test_synth_deterministic(void **state) {
     unlink(b);
     free(a);
     free(b);
+}
+
+/* The value of metadata key as text, or NULL when absent (static buffer). */
+static const char *meta_value(const moerun_model *m, const char *key) {
+    static char val[128];
+    moerun_model_info in = {.struct_size = sizeof(in)};
+    assert_int_equal(moerun_model_get_info(m, &in), MOERUN_OK);
+    for (uint64_t i = 0; i < in.n_kv; i++) {
+        if (!strcmp(moerun_model_meta_key(m, i), key)) {
+            assert_true(moerun_model_meta_value_str(m, i, val, sizeof(val)) >= 0);
+            return val;
+        }
+    }
+    return NULL;
+}
+
+/* Every architecture: its tensors, its keys, the RoPE base of its family, determinism, and
+ * moe-synth writing the same file as the library. */
+static void test_synth_archs(void **state) {
+    (void)state;
+    static const struct {
+        const char *arch, *gguf_arch;
+        uint32_t per_layer; /* tensors per layer */
+        uint32_t head_dim;  /* n_head_dim to ask for; 0 = default */
+        float rope_base;
+    } archs[] = {
+        {"mixtral", "llama", 10, 0, 1e4f},
+        {"qwen2moe", "qwen2moe", 10 + 3 + 4, 0, 1e6f}, /* q/k/v biases, shared expert */
+        {"qwen3moe", "qwen3moe", 10 + 2, 96, 1e6f},    /* q/k norms per head */
+        {"olmoe", "olmoe", 10 + 2, 0, 1e4f},           /* q/k norms, whole projection */
+    };
+    for (size_t ai = 0; ai < sizeof(archs) / sizeof(archs[0]); ai++) {
+        moerun_synth_params p;
+        small_params(&p, MOERUN_TYPE_Q8_0);
+        p.arch = archs[ai].arch;
+        p.n_head_dim = archs[ai].head_dim;
+        char *a = strdup(tu_tmp_path(".gguf")), *b = strdup(tu_tmp_path(".gguf"));
+        p.n_threads = 1;
+        assert_int_equal(moerun_synth_write(&p, a), MOERUN_OK);
+        p.n_threads = 2;
+        assert_int_equal(moerun_synth_write(&p, b), MOERUN_OK);
+        assert_true(files_equal(a, b));
+
+        moerun_model *m = NULL;
+        assert_int_equal(moerun_model_open(a, NULL, &m), MOERUN_OK);
+        moerun_model_info in = {.struct_size = sizeof(in)};
+        assert_int_equal(moerun_model_get_info(m, &in), MOERUN_OK);
+        assert_string_equal(in.arch, archs[ai].gguf_arch);
+        assert_int_equal(in.n_tensors, 2 + archs[ai].per_layer * p.n_layer + 1);
+        assert_int_equal(in.n_embd, p.n_embd);
+        assert_int_equal(in.n_head, p.n_head);
+        assert_int_equal(in.n_head_kv, p.n_head_kv);
+        assert_int_equal(in.n_expert, p.n_expert);
+        assert_int_equal(in.n_ff_exp, p.n_ff);
+        const uint32_t hd = p.n_head_dim ? p.n_head_dim : p.n_embd / p.n_head;
+        assert_int_equal(in.n_rot, hd);
+        assert_true(in.rope_freq_base == archs[ai].rope_base);
+        char key[96];
+        snprintf(key, sizeof(key), "%s.expert_shared_feed_forward_length", archs[ai].gguf_arch);
+        const char *v = meta_value(m, key);
+        if (!strcmp(archs[ai].arch, "qwen2moe")) {
+            assert_non_null(v);
+            assert_int_equal(strtoul(v, NULL, 10), 2 * p.n_ff);
+        } else {
+            assert_null(v);
+        }
+        snprintf(key, sizeof(key), "%s.attention.key_length", archs[ai].gguf_arch);
+        v = meta_value(m, key);
+        if (!strcmp(archs[ai].arch, "qwen3moe")) {
+            assert_non_null(v);
+            assert_int_equal(strtoul(v, NULL, 10), hd);
+        } else {
+            assert_null(v);
+        }
+        moerun_model_close(m);
+
+        /* moe-synth with the same arguments writes the same file */
+        const char *moe_synth = getenv("MOE_SYNTH");
+        if (moe_synth) {
+            char cmd[4096];
+            snprintf(cmd, sizeof(cmd),
+                     "%s -o %s --arch %s --type q8_0 --vocab 300 --embd 256 --layers 2 "
+                     "--heads 4 --kv-heads 2 --experts 4 --experts-used 2 --ff 256 "
+                     "--head-dim %u --seed %llu >/dev/null",
+                     moe_synth, b, p.arch, p.n_head_dim, (unsigned long long)p.seed);
+            assert_int_equal(system(cmd), 0);
+            assert_true(files_equal(a, b));
+        }
+        /* a different shared-expert width or RoPE base changes the file */
+        p.n_ff_shared = 3 * p.n_ff;
+        p.rope_freq_base = 5e5f;
+        assert_int_equal(moerun_synth_write(&p, b), MOERUN_OK);
+        assert_int_equal(moerun_model_open(b, NULL, &m), MOERUN_OK);
+        assert_int_equal(moerun_model_get_info(m, &in), MOERUN_OK);
+        assert_true(in.rope_freq_base == 5e5f);
+        snprintf(key, sizeof(key), "%s.expert_shared_feed_forward_length", archs[ai].gguf_arch);
+        if (!strcmp(archs[ai].arch, "qwen2moe"))
+            assert_int_equal(strtoul(meta_value(m, key), NULL, 10), 3 * p.n_ff);
+        moerun_model_close(m);
+        unlink(a);
+        unlink(b);
+        free(a);
+        free(b);
+    }
 }
 
 static void test_synth_rejects_bad_shapes(void **state) {
@@ -148,6 +279,31 @@ static void test_synth_rejects_bad_shapes(void **state) {
     small_params(&p, MOERUN_TYPE_Q8_0);
     p.arch = "gpt-17";
     assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_UNSUPPORTED);
+    assert_non_null(strstr(moerun_errmsg(), "qwen3moe")); /* the known ones are listed */
+    small_params(&p, MOERUN_TYPE_Q8_0);
+    p.arch = "qwen3moe";
+    p.n_head_dim = 33; /* odd */
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG);
+    assert_non_null(strstr(moerun_errmsg(), "n_head_dim"));
+    p.n_head_dim = 36; /* 4 x 36 is not a multiple of 32 */
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG);
+    small_params(&p, MOERUN_TYPE_Q8_0);
+    p.arch = "qwen2moe";
+    p.n_ff_shared = 100;
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG);
+    assert_non_null(strstr(moerun_errmsg(), "n_ff_shared"));
+    small_params(&p, MOERUN_TYPE_Q8_0);
+    p.n_head = 3; /* 256 / 3 is not a whole head */
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG);
+    p.n_head_kv = 1;
+    p.n_head_dim = 16;
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG); /* 3 x 16 = 48 */
+    p.n_head_dim = 64; /* but with a head size of 64 it is: 3 x 64 = 192, 6 Q8_0 blocks */
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_OK);
+    unlink(path);
+    small_params(&p, MOERUN_TYPE_Q8_0);
+    p.rope_freq_base = -1.0f;
+    assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_INVALID_ARG);
     small_params(&p, MOERUN_TYPE_Q8_K);
     assert_int_equal(moerun_synth_write(&p, path), MOERUN_ERR_UNSUPPORTED);
     small_params(&p, MOERUN_TYPE_Q8_0);
@@ -333,6 +489,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_synth_and_info),
         cmocka_unit_test(test_synth_deterministic),
+        cmocka_unit_test(test_synth_large_vocab),
+        cmocka_unit_test(test_synth_archs),
         cmocka_unit_test(test_synth_rejects_bad_shapes),
         cmocka_unit_test(test_open_errors_and_allocator),
         cmocka_unit_test(test_golden_hparams),

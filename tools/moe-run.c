@@ -327,7 +327,7 @@ static int demo_model_path(char *path, size_t size, int n_threads) {
         snprintf(dir, sizeof(dir), "%s/.cache/moerun", home);
     else
         snprintf(dir, sizeof(dir), "/tmp/moerun-cache");
-    if (snprintf(path, size, "%s/demo-mixtral-q8_0-v1.gguf", dir) >= (int)size)
+    if (snprintf(path, size, "%s/demo-mixtral-q8_0-v2.gguf", dir) >= (int)size)
         return -1;
     if (access(path, R_OK) == 0)
         return 0;

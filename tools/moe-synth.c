@@ -15,7 +15,7 @@ static void usage(FILE *f) {
             "usage: moe-synth -o FILE [options]\n"
             "\n"
             "  -o, --output FILE     where to write the GGUF model (replaced atomically)\n"
-            "  --arch NAME           architecture: mixtral (default %s)\n"
+            "  --arch NAME           mixtral, qwen2moe, qwen3moe or olmoe (default %s)\n"
             "  --type T              weight type: F32 F16 BF16 Q8_0 Q4_0 Q4_K Q5_K Q6_K "
             "(default %s)\n"
             "  --seed N              random seed (default %llu)\n"
@@ -27,14 +27,17 @@ static void usage(FILE *f) {
             "  --experts N           experts per layer (default %u)\n"
             "  --experts-used N      experts per token (default %u)\n"
             "  --ff N                expert FFN width (default %u)\n"
+            "  --ff-shared N         qwen2moe shared-expert FFN width (default: 2 x --ff)\n"
+            "  --head-dim N          head size (default: embd / heads)\n"
             "  --ctx N               trained context length in the metadata (default %u)\n"
-            "  --rope-base X         RoPE base (default %g)\n"
+            "  --rope-base X         RoPE base (default: 1e6 for qwen2moe and qwen3moe,\n"
+            "                        1e4 for the others)\n"
             "  -t, --threads N       threads for quantizing (default: one per core; the\n"
             "                        output does not depend on it)\n"
             "  -h, --help            this text\n",
             d.arch, moerun_type_name(d.weight_type), (unsigned long long)d.seed, d.n_vocab,
             d.n_embd, d.n_layer, d.n_head, d.n_head_kv, d.n_expert, d.n_expert_used, d.n_ff,
-            d.n_ctx, d.rope_freq_base);
+            d.n_ctx);
 }
 
 static int parse_u64(const char *flag, const char *s, unsigned long long hi,
@@ -55,7 +58,7 @@ int main(int argc, char **argv) {
     moerun_synth_params p;
     moerun_synth_params_init(&p);
     const char *out = NULL;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i += 2) { /* flag, value */
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long v = 0;
@@ -107,6 +110,8 @@ int main(int argc, char **argv) {
                 {"--experts-used", offsetof(moerun_synth_params, n_expert_used)},
                 {"--ff", offsetof(moerun_synth_params, n_ff)},
                 {"--ctx", offsetof(moerun_synth_params, n_ctx)},
+                {"--ff-shared", offsetof(moerun_synth_params, n_ff_shared)},
+                {"--head-dim", offsetof(moerun_synth_params, n_head_dim)},
             };
             for (size_t j = 0; j < sizeof(dims) / sizeof(dims[0]); j++) {
                 if (!strcmp(a, dims[j].flag))
@@ -120,7 +125,6 @@ int main(int argc, char **argv) {
                 return 2;
             *u32 = (uint32_t)v;
         }
-        i++;
     }
     if (!out) {
         fprintf(stderr, "moe-synth: no output file (-o FILE; see moe-synth --help)\n");

@@ -347,7 +347,8 @@ MOERUN_API void moerun_sampler_reset(moerun_sampler *sampler);
 
 typedef struct moerun_synth_params {
     size_t struct_size;     /* set by moerun_synth_params_init() */
-    const char *arch;       /* "mixtral" (GGUF arch "llama" with experts) */
+    const char *arch;       /* "mixtral" (GGUF arch "llama" with experts), "qwen2moe",
+                               "qwen3moe", "olmoe" */
     int weight_type;        /* moerun_type of the matrices (router and norms stay F32) */
     uint64_t seed;          /* same seed, same file */
     uint32_t n_vocab;       /* tokens; >= 259 (3 special + 256 bytes) */
@@ -359,9 +360,15 @@ typedef struct moerun_synth_params {
     uint32_t n_expert_used; /* experts chosen per token */
     uint32_t n_ff;          /* expert FFN width; a multiple of the block size */
     uint32_t n_ctx;         /* trained context length written to the metadata */
-    float rope_freq_base;   /* RoPE base */
+    float rope_freq_base;   /* RoPE base; 0 = the architecture's (1e6 for qwen2moe and
+                               qwen3moe, 1e4 for the others) */
     float rms_eps;          /* RMSNorm epsilon */
     int n_threads;          /* threads for quantizing; 0 = one per core (output unchanged) */
+    uint32_t n_ff_shared;   /* qwen2moe shared-expert FFN width; 0 = 2 * n_ff; a multiple of the
+                               block size */
+    uint32_t n_head_dim;    /* head size; 0 = n_embd / n_head; when set, q is [n_embd,
+                               n_head * n_head_dim] and attn_output its transpose (qwen3moe
+                               always writes attention.key_length) */
 } moerun_synth_params;
 
 /* Defaults: a small Mixtral-style model (vocab 512, dim 256, 4 layers, 8 heads / 4 KV heads,
