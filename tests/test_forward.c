@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define MAX_TOKENS 64
@@ -540,6 +541,23 @@ static void expect_tensor_error(const char *path, const char *tensor) {
     if (!strstr(msg, tensor))
         fail_msg("the error '%s' does not name '%s'", msg, tensor);
     moerun_model_close(m);
+
+    /* and through moe-run: a message naming the tensor and a non-zero exit */
+    const char *moe_run = getenv("MOE_RUN");
+    if (!moe_run)
+        return;
+    char *err = strdup(tu_tmp_path(".err"));
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd), "%s -m %s --tokens 1,2,3 -n 1 2>%s >/dev/null", moe_run, path, err);
+    int st = system(cmd);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) != 0);
+    char *text = tu_read_file(err, NULL);
+    assert_non_null(text);
+    if (!strstr(text, tensor))
+        fail_msg("moe-run's error '%s' does not name '%s'", text, tensor);
+    free(text);
+    unlink(err);
+    free(err);
 }
 
 static void test_bad_input(void **state) {
