@@ -2,6 +2,8 @@
  * tokens at a time. Prompts go through in batches (each expert's weights read once for all the
  * tokens routed to it); decoding is the same code with one token. Nothing is allocated here. */
 #include "internal.h"
+#include "model.h"
+#include "offload.h"
 #include "session.h"
 
 #include <math.h>
@@ -79,14 +81,19 @@ static void add_bias(float *y, const struct mr_weight *b, uint32_t n_tok, uint32
 
 /* --- products ------------------------------------------------------------------------------- */
 
-/* y[n][rows] = x[n][k] . W_e^T for matrix e of w (rows = ne1, k = ne0). */
-static int matmul(struct moerun_session *s, const struct mr_weight *w, uint64_t e, uint32_t n,
-                  const float *x, float *y) {
+/* y[n][rows] = x[n][k] . M^T for a matrix m of w's type and shape (rows = ne1, k = ne0). */
+static int matmul_at(struct moerun_session *s, const struct mr_weight *w, const uint8_t *m,
+                     uint32_t n, const float *x, float *y) {
     const int64_t rows = (int64_t)w->ne[1], k = (int64_t)w->ne[0];
-    const uint8_t *m = mr_weight_rows(w, e, 0);
     if (n == 1)
         return cpu_matvec(s->pool, s->isa, w->type, rows, k, m, x, y, s->s.act);
     return cpu_matmul(s->pool, s->isa, w->type, rows, k, m, n, x, y, s->s.act);
+}
+
+/* The same with matrix e of w in memory. */
+static int matmul(struct moerun_session *s, const struct mr_weight *w, uint64_t e, uint32_t n,
+                  const float *x, float *y) {
+    return matmul_at(s, w, mr_weight_rows(w, e, 0), n, x, y);
 }
 
 /* --- attention ------------------------------------------------------------------------------ */
@@ -128,10 +135,10 @@ static void attention_task(void *arg, int ith, int nth) {
     }
 }
 
-static int attention_block(struct moerun_session *s, uint32_t il, uint32_t n) {
+static int attention_block(struct moerun_session *s, const struct mr_layer *l, uint32_t il,
+                           uint32_t n) {
     const struct mr_weights *w = s->w;
     const struct mr_hparams *hp = &w->hp;
-    const struct mr_layer *l = &w->layers[il];
     struct mr_scratch *b = &s->s;
     const uint32_t d = hp->n_embd, hd = hp->head_dim, qd = hp->n_head * hd;
     const uint32_t kvd = hp->n_head_kv * hd;
@@ -227,24 +234,119 @@ static int route(struct moerun_session *s, const struct mr_layer *l, uint32_t n)
     return MOERUN_OK;
 }
 
-/* out[c][d] = down(silu(gate x) * up x) for the c rows of xe, with matrices e of the three. */
-static int swiglu(struct moerun_session *s, const struct mr_weight *gate,
-                  const struct mr_weight *up, const struct mr_weight *down, uint64_t e, uint32_t c,
-                  float *out) {
+/* out[c][d] = down(silu(gate x) * up x) for the c rows of xe: the three matrices at p, of the
+ * types and shapes of the layer's experts (or of its shared expert). */
+static int swiglu(struct moerun_session *s, const struct mr_layer *l, bool shared,
+                  const struct mr_expert_ptrs *p, uint32_t c, float *out) {
     struct mr_scratch *b = &s->s;
+    const struct mr_weight *gate = shared ? &l->sh_gate : &l->gate_exps;
+    const struct mr_weight *up = shared ? &l->sh_up : &l->up_exps;
+    const struct mr_weight *down = shared ? &l->sh_down : &l->down_exps;
     const uint32_t f = (uint32_t)gate->ne[1];
     int rc;
-    if ((rc = matmul(s, gate, e, c, b->xe, b->ge)) || (rc = matmul(s, up, e, c, b->xe, b->ue)))
+    if ((rc = matmul_at(s, gate, p->gate, c, b->xe, b->ge)) ||
+        (rc = matmul_at(s, up, p->up, c, b->xe, b->ue)))
         return rc;
     for (size_t i = 0; i < (size_t)c * f; i++)
         b->ge[i] = silu(b->ge[i]) * b->ue[i];
-    return matmul(s, down, e, c, b->ge, out);
+    return matmul_at(s, down, p->down, c, b->ge, out);
 }
 
-static int moe_block(struct moerun_session *s, uint32_t il, uint32_t n) {
+/* Expert e of layer l over the tokens routed to it: gather their inputs, run it, and put each
+ * weighted output in its token's slot. */
+static int expert_apply(struct moerun_session *s, const struct mr_layer *l, int32_t e,
+                        const struct mr_expert_ptrs *p) {
+    struct mr_scratch *b = &s->s;
+    const uint32_t d = s->w->hp.n_embd, K = s->w->hp.n_expert_used;
+    const uint32_t r0 = b->route_start[e], c = b->route_start[e + 1] - r0;
+    for (uint32_t i = 0; i < c; i++) {
+        const uint32_t t = b->route_rows[r0 + i] / K;
+        memcpy(b->xe + (size_t)i * d, b->h + (size_t)t * d, d * sizeof(float));
+    }
+    int rc = swiglu(s, l, false, p, c, b->de);
+    if (rc != MOERUN_OK)
+        return rc;
+    for (uint32_t i = 0; i < c; i++) {
+        const uint32_t row = b->route_rows[r0 + i];
+        const float wt = b->sel_w[row];
+        float *dst = b->slots + (size_t)row * d;
+        const float *src = b->de + (size_t)i * d;
+        for (uint32_t j = 0; j < d; j++)
+            dst[j] = src[j] * wt;
+    }
+    return MOERUN_OK;
+}
+
+/* Every expert the batch chose: from memory, or through the tiers as each arrives (in any
+ * order: the outputs are summed in slot order afterwards). */
+static int experts_run(struct moerun_session *s, uint32_t il) {
+    const struct mr_layer *l = &s->w->layers[il];
+    struct mr_scratch *b = &s->s;
+    struct mr_offload *o = s->model->offload;
+    uint32_t n_need = 0;
+    int rc = MOERUN_OK;
+    for (uint32_t e = 0; e < s->w->hp.n_expert; e++) {
+        if (b->route_start[e + 1] == b->route_start[e])
+            continue;
+        if (o) {
+            b->need[n_need++] = (int32_t)e;
+            continue;
+        }
+        const struct mr_expert_ptrs p = {mr_weight_rows(&l->gate_exps, e, 0),
+                                         mr_weight_rows(&l->up_exps, e, 0),
+                                         mr_weight_rows(&l->down_exps, e, 0)};
+        if ((rc = expert_apply(s, l, (int32_t)e, &p)) != MOERUN_OK)
+            return rc;
+    }
+    if (!o)
+        return MOERUN_OK;
+    if ((rc = offload_experts_request(o, il, b->need, n_need)) != MOERUN_OK)
+        return rc;
+    int32_t e;
+    struct mr_expert_ptrs p;
+    while ((rc = offload_experts_next(o, il, &e, &p)) == MOERUN_OK) {
+        rc = expert_apply(s, l, e, &p);
+        offload_expert_release(o, il, e);
+        if (rc != MOERUN_OK)
+            return rc;
+    }
+    return rc == 1 ? MOERUN_OK : rc;
+}
+
+/* Predict the experts of the next layers from this layer's hidden state (x, before its
+ * experts): their routers after their norms, averaged over the batch. Routers and their norms
+ * are resident, so this never waits. */
+static int predict_ahead(struct moerun_session *s, uint32_t il, uint32_t n) {
+    struct mr_offload *o = s->model->offload;
+    const struct mr_hparams *hp = &s->w->hp;
+    struct mr_scratch *b = &s->s;
+    const uint32_t d = hp->n_embd, E = hp->n_expert;
+    const uint32_t ahead = (uint32_t)offload_prefetch_layers(o);
+    for (uint32_t j = 1; j <= ahead && il + j < hp->n_layer; j++) {
+        const struct mr_layer *next = &s->w->layers[il + j];
+        for (uint32_t t = 0; t < n; t++)
+            rmsnorm(b->xe + (size_t)t * d, b->x + (size_t)t * d, (const float *)next->ffn_norm.data,
+                    d, hp->rms_eps);
+        int rc = matmul(s, &next->router, 0, n, b->xe, b->pred);
+        if (rc != MOERUN_OK)
+            return rc;
+        for (uint32_t t = 0; t < n; t++)
+            softmax(b->pred + (size_t)t * E, E);
+        for (uint32_t t = 1; t < n; t++)
+            for (uint32_t e = 0; e < E; e++)
+                b->pred[e] += b->pred[(size_t)t * E + e];
+        for (uint32_t e = 0; e < E && n > 1; e++)
+            b->pred[e] /= (float)n;
+        offload_predict(o, il + j, b->pred);
+    }
+    return MOERUN_OK;
+}
+
+static int moe_block(struct moerun_session *s, const struct mr_layer *dense, uint32_t il,
+                     uint32_t n) {
     const struct mr_weights *w = s->w;
     const struct mr_hparams *hp = &w->hp;
-    const struct mr_layer *l = &w->layers[il];
+    const struct mr_layer *l = &w->layers[il]; /* router, its norm, expert shapes: resident */
     struct mr_scratch *b = &s->s;
     const uint32_t d = hp->n_embd, K = hp->n_expert_used;
     int rc;
@@ -254,27 +356,14 @@ static int moe_block(struct moerun_session *s, uint32_t il, uint32_t n) {
                 hp->rms_eps);
     if ((rc = route(s, l, n)))
         return rc;
-
-    /* each chosen expert once, over all the tokens routed to it */
-    for (uint32_t e = 0; e < hp->n_expert; e++) {
-        const uint32_t r0 = b->route_start[e], c = b->route_start[e + 1] - r0;
-        if (c == 0)
-            continue;
-        for (uint32_t i = 0; i < c; i++) {
-            const uint32_t t = b->route_rows[r0 + i] / K;
-            memcpy(b->xe + (size_t)i * d, b->h + (size_t)t * d, d * sizeof(float));
-        }
-        if ((rc = swiglu(s, &l->gate_exps, &l->up_exps, &l->down_exps, e, c, b->de)))
-            return rc;
-        for (uint32_t i = 0; i < c; i++) {
-            const uint32_t row = b->route_rows[r0 + i];
-            const float wt = b->sel_w[row];
-            float *dst = b->slots + (size_t)row * d;
-            const float *src = b->de + (size_t)i * d;
-            for (uint32_t j = 0; j < d; j++)
-                dst[j] = src[j] * wt;
-        }
-    }
+    if (s->route_fn)
+        for (uint32_t t = 0; t < n; t++)
+            s->route_fn(s->route_user, s->n_past + t, il, b->sel + (size_t)t * K,
+                        b->sel_w + (size_t)t * K, K);
+    if (s->model->offload && (rc = predict_ahead(s, il, n)))
+        return rc;
+    if ((rc = experts_run(s, il)))
+        return rc;
 
     /* y = the experts' outputs summed in slot order, so the order experts were computed in
      * never changes the result */
@@ -290,11 +379,13 @@ static int moe_block(struct moerun_session *s, uint32_t il, uint32_t n) {
     }
 
     if (w->arch->shared_expert) {
-        /* the shared expert's output goes to slot 0's rows of b->slots, now free */
+        /* the shared expert (in the dense part) writes to b->slots, now free */
         float *sh = b->slots;
+        const struct mr_expert_ptrs p = {dense->sh_gate.data, dense->sh_up.data,
+                                         dense->sh_down.data};
         memcpy(b->xe, b->h, (size_t)n * d * sizeof(float));
-        if ((rc = matmul(s, &l->sh_gate_inp, 0, n, b->h, b->sh_g)) ||
-            (rc = swiglu(s, &l->sh_gate, &l->sh_up, &l->sh_down, 0, n, sh)))
+        if ((rc = matmul(s, &dense->sh_gate_inp, 0, n, b->h, b->sh_g)) ||
+            (rc = swiglu(s, dense, true, &p, n, sh)))
             return rc;
         for (uint32_t t = 0; t < n; t++) {
             const float g = 1.0f / (1.0f + expf(-b->sh_g[t]));
@@ -323,10 +414,20 @@ int forward_batch(struct moerun_session *s, const int32_t *tokens, uint32_t n, f
         rope_angles(b->rope + (size_t)t * hp->n_rot, s->n_past + t, hp->n_rot, hp->rope_base);
     }
     int rc = MOERUN_OK;
+    struct mr_offload *o = s->model->offload;
     for (uint32_t il = 0; il < hp->n_layer && rc == MOERUN_OK; il++) {
-        rc = attention_block(s, il, n);
+        struct mr_layer view;
+        const struct mr_layer *l = &w->layers[il];
+        if (o) { /* the layer's dense part through the ring */
+            if ((rc = offload_layer_acquire(o, il, &view)) != MOERUN_OK)
+                break;
+            l = &view;
+        }
+        rc = attention_block(s, l, il, n);
         if (rc == MOERUN_OK)
-            rc = moe_block(s, il, n);
+            rc = moe_block(s, l, il, n);
+        if (o)
+            offload_layer_release(o, il);
     }
     if (rc != MOERUN_OK || !logits)
         return rc;

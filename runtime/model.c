@@ -5,6 +5,7 @@
 #include "internal.h"
 #include "tokenizer.h"
 #include "types.h"
+#include "offload.h"
 #include "weights.h"
 
 #include <stdio.h>
@@ -14,6 +15,10 @@
 void moerun_model_params_init(moerun_model_params *p) {
     memset(p, 0, sizeof(*p));
     p->struct_size = sizeof(*p);
+    p->policy = MOERUN_POLICY_LRU;
+    p->prefetch = 1;
+    p->prefetch_layers = 1;
+    p->direct_io = 1;
 }
 
 /* <arch>.<suffix> as u32; absent keys leave *out unchanged. */
@@ -216,6 +221,7 @@ void moerun_model_close(moerun_model *m) {
     if (!m)
         return;
     const moerun_allocator *a = m->params.allocator;
+    offload_close(m);
     weights_free(m);
     vocab_free(m->vocab);
     gguf_close(m->gguf);
@@ -268,4 +274,23 @@ int moerun_model_meta_value_str(const moerun_model *m, uint64_t i, char *buf, si
     if (!m || i >= m->gguf->n_kv)
         return mr_err(MOERUN_ERR_RANGE, "metadata index out of range");
     return gguf_value_format(&m->gguf->kv[i].value, buf, size);
+}
+
+int moerun_model_get_stats(const moerun_model *m, moerun_stats *stats) {
+    if (!m || !stats || stats->struct_size < sizeof(size_t))
+        return mr_err(MOERUN_ERR_INVALID_ARG,
+                      "moerun_model_get_stats: NULL argument or struct_size not set");
+    if (m->offload) {
+        offload_get_stats(m->offload, stats);
+        return MOERUN_OK;
+    }
+    size_t n = MR_MIN(stats->struct_size, sizeof(*stats));
+    memset(stats, 0, n);
+    stats->struct_size = n;
+    return MOERUN_OK;
+}
+
+void moerun_model_reset_stats(moerun_model *m) {
+    if (m && m->offload)
+        offload_reset_stats(m->offload);
 }

@@ -8,6 +8,7 @@
 
 struct mr_vocab;
 struct mr_weights;
+struct mr_offload;
 
 struct layer_experts {
     uint64_t all_bytes; /* every expert of the layer's *_exps tensors */
@@ -23,6 +24,7 @@ struct moerun_model {
     struct layer_experts *layers; /* [info.n_layer] */
     struct mr_vocab *vocab;       /* NULL when the file has no tokenizer */
     struct mr_weights *w;         /* NULL when opened metadata-only */
+    struct mr_offload *offload;   /* the tiers; NULL without a host budget (all resident) */
 };
 
 #endif /* MOERUN_MODEL_H */

@@ -4,6 +4,7 @@
 #include "session.h"
 #include "internal.h"
 #include "model.h"
+#include "offload.h"
 
 #include <string.h>
 #include <unistd.h>
@@ -68,6 +69,8 @@ static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     b->de = take(&lay, base, nb * d * f);
     b->slots = take(&lay, base, nb * K * d * f);
     b->sh_g = take(&lay, base, nb * f);
+    b->pred = take(&lay, base, nb * E * f);
+    b->need = take(&lay, base, E * sizeof(int32_t));
     b->act = take(&lay, base, act_bytes(s->w, s->n_batch));
     return lay.offset;
 }
@@ -159,7 +162,11 @@ int moerun_session_decode(moerun_session *s, const int32_t *tokens, size_t n, fl
                       "%zu tokens do not fit in the context: %u of %u positions are used", n,
                       s->n_past, s->n_ctx);
     const uint32_t n_past0 = s->n_past;
-    for (size_t done = 0; done < n;) {
+    struct mr_offload *o = s->model->offload;
+    if (o) /* one forward pass at a time through the tiers */
+        offload_lock(o);
+    int rc = MOERUN_OK;
+    for (size_t done = 0; done < n && rc == MOERUN_OK;) {
         const uint32_t chunk = (uint32_t)MR_MIN(n - done, (size_t)s->n_batch);
         const bool last = done + chunk == n;
         float *out = NULL;
@@ -167,15 +174,24 @@ int moerun_session_decode(moerun_session *s, const int32_t *tokens, size_t n, fl
             out = logits + done * n_vocab;
         else if (logits && last)
             out = logits;
-        int rc = forward_batch(s, tokens + done, chunk, out, logits_all);
+        rc = forward_batch(s, tokens + done, chunk, out, logits_all);
         if (rc != MOERUN_OK) {
-            s->n_past = n_past0;
-            return rc;
+            s->n_past = n_past0; /* the positions written past it are overwritten later */
+            break;
         }
         s->n_past += chunk;
         done += chunk;
     }
-    return MOERUN_OK;
+    if (o)
+        offload_unlock(o);
+    return rc;
+}
+
+void moerun_session_set_route_callback(moerun_session *s, moerun_route_fn fn, void *user_data) {
+    if (!s)
+        return;
+    s->route_fn = fn;
+    s->route_user = user_data;
 }
 
 uint32_t moerun_session_n_past(const moerun_session *s) {

@@ -29,6 +29,8 @@ struct mr_scratch {
     float *de;             /* [nb][d] down projection */
     float *slots;          /* [nb][k][d] weighted expert outputs, summed in slot order */
     float *sh_g;           /* [nb] shared expert gate */
+    float *pred;           /* [nb][E] predicted router probabilities of a later layer */
+    int32_t *need;         /* [E] the experts a layer needs */
     void *act;             /* activations converted for the products (cpu_act_bytes) */
 };
 
@@ -44,7 +46,9 @@ struct moerun_session {
     float *k_cache; /* [L][n_ctx][H_kv*hd] */
     float *v_cache; /* [L][n_ctx][H_kv*hd] */
     struct mr_scratch s;
-    void *arena; /* one allocation behind the caches and the scratch */
+    void *arena;              /* one allocation behind the caches and the scratch */
+    moerun_route_fn route_fn; /* routing trace callback, or NULL */
+    void *route_user;
 };
 
 /* Evaluate n <= n_batch tokens at positions n_past..; logits: NULL, the last token's

@@ -3,6 +3,7 @@
 #include "weights.h"
 #include "internal.h"
 #include "model.h"
+#include "offload.h"
 #include "types.h"
 
 #include <errno.h>
@@ -298,9 +299,11 @@ int weights_load(struct moerun_model *m, const char *path) {
         return mr_err(MOERUN_ERR_NOMEM, "model: out of memory for %u layers", hp->n_layer);
     for (uint32_t il = 0; il < hp->n_layer && rc == MOERUN_OK; il++)
         rc = bind_layer(g, arch, hp, il, &w->layers[il]);
-    if (rc == MOERUN_OK)
-        rc = read_data(w, g, path, a);
     if (rc != MOERUN_OK)
+        return rc;
+    if (m->params.host_bytes) /* tiers: the weights stay in the file */
+        return offload_open(m, path);
+    if ((rc = read_data(w, g, path, a)) != MOERUN_OK)
         return rc;
 
     rebase(&w->tok_embd, w->data, g->data_offset);

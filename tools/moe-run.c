@@ -38,6 +38,13 @@ struct options {
     int n_ctx;                  /* 0 = the model's, capped at 4096 */
     int n_batch;                /* 0 = the library's */
     moerun_sampler_params samp; /* sampling flags over the library's defaults */
+    uint64_t host_mem;          /* --host-mem: host tier budget, bytes; 0 = all resident */
+    int policy;                 /* --policy */
+    int prefetch;               /* 0 with --no-prefetch */
+    int prefetch_layers;        /* --prefetch-layers */
+    int direct_io;              /* 0 with --no-direct-io */
+    int stats;                  /* --stats */
+    const char *trace_out;      /* --trace-out FILE */
 };
 
 static void usage(FILE *f) {
@@ -59,6 +66,15 @@ static void usage(FILE *f) {
            "  -c, --ctx-size N        context length (default 0 = the model's, at most 4096)\n"
            "  -b, --batch-size N      most prompt tokens computed together (default 0 = 512)\n"
            "  -t, --threads N         compute threads (default: one per core)\n"
+           "  --host-mem SIZE         host memory for weights (e.g. 6G, 512M): the weights stay\n"
+           "                          in the file and move through this much memory (default:\n"
+           "                          read the whole model into memory)\n"
+           "  --policy P              expert eviction: lru, lfu or predicted (default lru)\n"
+           "  --no-prefetch           load experts only when needed (no prediction-driven loads)\n"
+           "  --prefetch-layers N     layers predicted ahead (default 1)\n"
+           "  --no-direct-io          buffered reads instead of O_DIRECT\n"
+           "  --stats                 print the tier statistics to stderr at the end\n"
+           "  --trace-out FILE        write the routing of every token and layer as JSON lines\n"
            "  -s, --seed N            sampling seed (default -1 = random)\n"
            "  --temp X                temperature; 0 = greedy (default 0.8)\n"
            "  --top-k N               keep the N most likely tokens; 0 = off (default 40)\n"
@@ -124,6 +140,62 @@ static int parse_seed(const char *flag, const char *s, uint64_t *out) {
     return 0;
 }
 
+/* "6G", "512M", "64K", "1.5G" or a byte count. */
+static int parse_size(const char *flag, const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mul = 1;
+    if (end != s && *end) {
+        switch (*end) {
+        case 'k':
+        case 'K':
+            mul = 1024.0;
+            break;
+        case 'm':
+        case 'M':
+            mul = 1024.0 * 1024;
+            break;
+        case 'g':
+        case 'G':
+            mul = 1024.0 * 1024 * 1024;
+            break;
+        case 't':
+        case 'T':
+            mul = 1024.0 * 1024 * 1024 * 1024;
+            break;
+        default:
+            mul = 0;
+        }
+        end++;
+        if (*end == 'i' || *end == 'I')
+            end++;
+        if (*end == 'b' || *end == 'B')
+            end++;
+    }
+    if (end == s || *end || errno || mul == 0 || !(v > 0) || v * mul > 1e18) {
+        fprintf(stderr, "moe-run: %s needs a size such as 6G, 512M or 1048576, got '%s'\n", flag,
+                s);
+        return -1;
+    }
+    *out = (uint64_t)(v * mul);
+    return 0;
+}
+
+static int parse_policy(const char *s, int *out) {
+    if (!strcmp(s, "lru"))
+        *out = MOERUN_POLICY_LRU;
+    else if (!strcmp(s, "lfu"))
+        *out = MOERUN_POLICY_LFU;
+    else if (!strcmp(s, "predicted"))
+        *out = MOERUN_POLICY_PREDICTED;
+    else {
+        fprintf(stderr, "moe-run: --policy is lru, lfu or predicted, got '%s'\n", s);
+        return -1;
+    }
+    return 0;
+}
+
 static int flag_is(const char *a, const char *short_name, const char *long_name) {
     return (short_name && !strcmp(a, short_name)) || !strcmp(a, long_name);
 }
@@ -156,6 +228,15 @@ static int parse_args(int argc, char **argv, struct options *o) {
         } else if (!strcmp(a, "--parse-special")) {
             o->parse_special = 1;
             takes_value = 0;
+        } else if (!strcmp(a, "--no-prefetch")) {
+            o->prefetch = 0;
+            takes_value = 0;
+        } else if (!strcmp(a, "--no-direct-io")) {
+            o->direct_io = 0;
+            takes_value = 0;
+        } else if (!strcmp(a, "--stats")) {
+            o->stats = 1;
+            takes_value = 0;
         } else if (!val) {
             if (flag_is(a, "-m", "--model") || flag_is(a, "-p", "--prompt") ||
                 flag_is(a, "-f", "--file") || !strcmp(a, "--tokens") ||
@@ -164,7 +245,9 @@ static int parse_args(int argc, char **argv, struct options *o) {
                 flag_is(a, "-t", "--threads") || flag_is(a, "-s", "--seed") ||
                 !strcmp(a, "--temp") || !strcmp(a, "--top-k") || !strcmp(a, "--top-p") ||
                 !strcmp(a, "--min-p") || !strcmp(a, "--repeat-penalty") ||
-                !strcmp(a, "--repeat-last-n"))
+                !strcmp(a, "--repeat-last-n") || !strcmp(a, "--host-mem") ||
+                !strcmp(a, "--policy") || !strcmp(a, "--prefetch-layers") ||
+                !strcmp(a, "--trace-out"))
                 fprintf(stderr, "moe-run: %s needs a value\n", a);
             else
                 fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
@@ -201,6 +284,14 @@ static int parse_args(int argc, char **argv, struct options *o) {
             rc = parse_float(a, val, &o->samp.repeat_penalty);
         } else if (!strcmp(a, "--repeat-last-n")) {
             rc = parse_int(a, val, 0, INT32_MAX, &o->samp.repeat_last_n);
+        } else if (!strcmp(a, "--host-mem")) {
+            rc = parse_size(a, val, &o->host_mem);
+        } else if (!strcmp(a, "--policy")) {
+            rc = parse_policy(val, &o->policy);
+        } else if (!strcmp(a, "--prefetch-layers")) {
+            rc = parse_int(a, val, 1, 64, &o->prefetch_layers);
+        } else if (!strcmp(a, "--trace-out")) {
+            o->trace_out = val;
         } else {
             fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
             return -1;
@@ -555,6 +646,74 @@ static int write_logits(const char *path, const float *x, size_t n) {
 
 /* Decode the prompt, then sample, print and decode one token at a time until -n tokens, an
  * end-of-generation token or a full context. Returns the exit status. */
+/* --trace-out: one JSON object per token and layer. */
+static void trace_route(void *user, uint32_t pos, uint32_t layer, const int32_t *experts,
+                        const float *weights, uint32_t k) {
+    FILE *f = user;
+    fprintf(f, "{\"token\":%u,\"layer\":%u,\"experts\":[", pos, layer);
+    for (uint32_t i = 0; i < k; i++)
+        fprintf(f, "%s%d", i ? "," : "", experts[i]);
+    fprintf(f, "],\"weights\":[");
+    for (uint32_t i = 0; i < k; i++)
+        fprintf(f, "%s%.6g", i ? "," : "", weights[i]);
+    fprintf(f, "]}\n");
+}
+
+/* The tier figures of the decode phase: as JSON members, or as text on stderr. */
+static void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt_bytes,
+                             size_t n_gen, double gen_ms) {
+    const uint64_t need = st->expert_hits + st->expert_misses;
+    const double per_tok = n_gen ? (double)st->nvme_bytes_read / n_gen : 0;
+    const double hit = need ? (double)st->expert_hits / need : 0;
+    const double busy_ms = st->nvme_busy_ns / 1e6;
+    if (json) {
+        fprintf(f,
+                ",\"tiers\":{\"host_bytes\":%llu,\"dense_slots\":%u,\"expert_slots\":%u,"
+                "\"direct_io\":%s,\"prompt_bytes_read\":%llu,\"bytes_read\":%llu,"
+                "\"bytes_per_token\":%.0f,\"expert_hits\":%llu,\"expert_misses\":%llu,"
+                "\"hit_rate\":%.4f,\"dense_hits\":%llu,\"dense_misses\":%llu,"
+                "\"prefetch_issued\":%llu,\"prefetch_used\":%llu,"
+                "\"prediction_precision\":%.4f,\"prediction_recall\":%.4f,\"stall_ms\":%.3f,"
+                "\"read_busy_ms\":%.3f,\"read_gbps\":%.3f,\"layer_hits\":[",
+                (unsigned long long)st->host_bytes, st->slots_dense, st->slots_expert,
+                st->direct_io ? "true" : "false", (unsigned long long)prompt_bytes,
+                (unsigned long long)st->nvme_bytes_read, per_tok,
+                (unsigned long long)st->expert_hits, (unsigned long long)st->expert_misses, hit,
+                (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
+                (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
+                st->prediction_precision, st->prediction_recall, st->stall_ns / 1e6, busy_ms,
+                st->read_gbps);
+        for (uint32_t l = 0; l < st->n_layer; l++)
+            fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_hits[l]);
+        fprintf(f, "],\"layer_misses\":[");
+        for (uint32_t l = 0; l < st->n_layer; l++)
+            fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_misses[l]);
+        fprintf(f, "]}");
+        return;
+    }
+    fprintf(f,
+            "moe-run: tiers: host %.1f MiB (%u dense slots, %u expert slots), O_DIRECT %s\n"
+            "moe-run: prompt read %.1f MiB; decode read %.1f MiB (%.2f MiB/token), read %.2f "
+            "GB/s while reading (%.0f ms busy of %.0f ms)\n"
+            "moe-run: experts: %llu hits, %llu misses (hit rate %.1f%%); dense %llu hits, %llu "
+            "misses\n"
+            "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu; "
+            "stalled %.1f ms\n",
+            st->host_bytes / 1048576.0, st->slots_dense, st->slots_expert,
+            st->direct_io ? "on" : "off", prompt_bytes / 1048576.0, st->nvme_bytes_read / 1048576.0,
+            per_tok / 1048576.0, st->read_gbps, busy_ms, gen_ms,
+            (unsigned long long)st->expert_hits, (unsigned long long)st->expert_misses, 100.0 * hit,
+            (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
+            100.0 * st->prediction_precision, 100.0 * st->prediction_recall,
+            (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
+            st->stall_ns / 1e6);
+    fprintf(f, "moe-run: per layer hits/misses:");
+    for (uint32_t l = 0; l < st->n_layer; l++)
+        fprintf(f, " %llu/%llu", (unsigned long long)st->layer_hits[l],
+                (unsigned long long)st->layer_misses[l]);
+    fprintf(f, "\n");
+}
+
 static int generate(const struct options *o, moerun_model *m, const int32_t *prompt,
                     size_t n_prompt, const char *prompt_text, size_t prompt_len) {
     int status = 1, rc;
@@ -564,6 +723,7 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
     float *logits = NULL;
     int32_t *gen = NULL;
     struct buf text = {0};
+    FILE *trace = NULL;
 
     rc = moerun_sampler_create(&o->samp, n_vocab, &smp);
     if (rc != MOERUN_OK) {
@@ -605,10 +765,19 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
         goto out;
     }
 
+    if (o->trace_out) {
+        trace = fopen(o->trace_out, "w");
+        if (!trace) {
+            fprintf(stderr, "moe-run: cannot write %s: %s\n", o->trace_out, strerror(errno));
+            goto out;
+        }
+        moerun_session_set_route_callback(s, trace_route, trace);
+    }
     if (!o->json && prompt_text) {
         fwrite(prompt_text, 1, prompt_len, stdout);
         fflush(stdout);
     }
+    moerun_model_reset_stats(m);
     const double t0 = now_ms();
     rc = moerun_session_decode(s, prompt, n_prompt, logits, o->logits_out != NULL);
     if (rc != MOERUN_OK) {
@@ -625,6 +794,10 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
         goto out;
     }
     const double t1 = now_ms();
+    moerun_stats st = {.struct_size = sizeof(st)};
+    moerun_model_get_stats(m, &st);
+    const uint64_t prompt_bytes = st.nvme_bytes_read;
+    moerun_model_reset_stats(m); /* the figures printed are the decode phase's */
     if (o->logits_out && write_logits(o->logits_out, logits, n_prompt * (size_t)n_vocab) != 0)
         goto out;
     float *last = logits + (rows - 1) * (size_t)n_vocab;
@@ -692,8 +865,13 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
         printf(",\"text\":");
         json_string(stdout, text.data ? text.data : "", text.len);
         printf(",\"stats\":{\"prompt_tokens\":%zu,\"prompt_ms\":%.3f,\"prompt_tps\":%.2f,"
-               "\"gen_tokens\":%zu,\"gen_ms\":%.3f,\"gen_tps\":%.2f}}\n",
+               "\"gen_tokens\":%zu,\"gen_ms\":%.3f,\"gen_tps\":%.2f",
                n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
+        if (o->host_mem) {
+            moerun_model_get_stats(m, &st);
+            print_tier_stats(stdout, 1, &st, prompt_bytes, n_gen, gen_ms);
+        }
+        printf("}}\n");
     } else {
         printf("\n");
     }
@@ -702,8 +880,22 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
             "moe-run: prompt: %zu tokens in %.1f ms (%.1f tok/s)  decode: %zu tokens in %.1f ms "
             "(%.1f tok/s)\n",
             n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
+    if (o->stats && o->host_mem) {
+        moerun_model_get_stats(m, &st);
+        print_tier_stats(stderr, 0, &st, prompt_bytes, n_gen, gen_ms);
+    } else if (o->stats) {
+        fprintf(stderr, "moe-run: no tier statistics: the whole model is in memory (see "
+                        "--host-mem)\n");
+    }
     status = 0;
+    if (trace && fclose(trace) != 0) {
+        fprintf(stderr, "moe-run: writing %s failed\n", o->trace_out);
+        status = 1;
+    }
+    trace = NULL;
 out:
+    if (trace)
+        fclose(trace);
     free(text.data);
     free(gen);
     free(logits);
@@ -713,7 +905,7 @@ out:
 }
 
 int main(int argc, char **argv) {
-    struct options o = {.n_predict = 64};
+    struct options o = {.n_predict = 64, .prefetch = 1, .prefetch_layers = 1, .direct_io = 1};
     moerun_sampler_params_init(&o.samp);
     int rc = parse_args(argc, argv, &o);
     if (rc != 0)
@@ -763,6 +955,11 @@ int main(int argc, char **argv) {
     moerun_model_params_init(&mp);
     mp.n_threads = o.n_threads;
     mp.metadata_only = o.info || o.tokenize; /* vocab-only files work for these */
+    mp.host_bytes = o.host_mem;
+    mp.policy = o.policy;
+    mp.prefetch = o.prefetch;
+    mp.prefetch_layers = o.prefetch_layers;
+    mp.direct_io = o.direct_io;
     rc = moerun_model_open(path, &mp, &m);
     if (rc != MOERUN_OK) {
         fprintf(stderr, "moe-run: cannot open %s: %s (%s)\n", path, moerun_errmsg(),

@@ -141,7 +141,23 @@ typedef struct moerun_model_params {
     int metadata_only;                 /* 1 = header, metadata and tokenizer only: no weights are
                                           read and no session can be made (--info, --tokenize;
                                           works on vocab-only files) */
+    uint64_t host_bytes;               /* host tier budget, bytes; 0 = read every weight into
+                                          memory at open (no tiers). Otherwise weights stay in
+                                          the file and move through slots of this much memory;
+                                          below the minimum, open fails saying the minimum */
+    int policy;                        /* moerun_policy for the expert slots; MOERUN_POLICY_LRU */
+    int prefetch;                      /* 1 = load predicted experts ahead (default), 0 = only
+                                          on demand */
+    int prefetch_layers;               /* layers predicted ahead; 0 = 1 */
+    int direct_io;                     /* 1 = O_DIRECT reads (default; buffered where refused) */
 } moerun_model_params;
+
+/* Eviction policies of the expert slots. */
+typedef enum moerun_policy {
+    MOERUN_POLICY_LRU = 0,       /* least recently used */
+    MOERUN_POLICY_LFU = 1,       /* least frequently used */
+    MOERUN_POLICY_PREDICTED = 2, /* lowest predicted use by the router's prediction, then LRU */
+} moerun_policy;
 
 /* Fill p with defaults. Returns nothing. Thread-safe. */
 MOERUN_API void moerun_model_params_init(moerun_model_params *p);
@@ -299,6 +315,48 @@ MOERUN_API uint32_t moerun_session_n_ctx(const moerun_session *session);
 
 /* Forget the sequence (n_past = 0). Returns nothing. */
 MOERUN_API void moerun_session_reset(moerun_session *session);
+
+/* Routing of each evaluated token, for traces: called from moerun_session_decode's thread for
+ * every token and layer, in execution order, with the chosen experts (descending router weight)
+ * and their weights as used (renormalised where the architecture does). pos is the token's
+ * position. NULL removes it. */
+typedef void (*moerun_route_fn)(void *user_data, uint32_t pos, uint32_t layer,
+                                const int32_t *experts, const float *weights, uint32_t k);
+MOERUN_API void moerun_session_set_route_callback(moerun_session *session, moerun_route_fn fn,
+                                                  void *user_data);
+
+/* ---------------------------------------------------------------------------------------------
+ * Statistics of the tiers (zero when the model was opened without a host budget).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct moerun_stats {
+    size_t struct_size;         /* set by the caller to sizeof(moerun_stats) */
+    uint64_t host_bytes;        /* host tier size */
+    uint64_t slot_bytes_dense;  /* one dense slot */
+    uint64_t slot_bytes_expert; /* one expert slot */
+    uint32_t slots_dense;       /* dense slots (n_layer: all resident; fewer: a ring) */
+    uint32_t slots_expert;      /* expert slots */
+    uint64_t nvme_bytes_read;   /* bytes read from the model file */
+    uint64_t nvme_busy_ns;      /* time with reads in flight */
+    uint64_t expert_hits;       /* needed experts found resident (or already loading) */
+    uint64_t expert_misses;     /* needed experts loaded on demand */
+    uint64_t dense_hits, dense_misses;
+    uint64_t prefetch_issued;     /* expert loads started from predictions */
+    uint64_t prefetch_used;       /* of those, used before eviction */
+    double prediction_precision;  /* predicted experts that were then chosen / predicted */
+    double prediction_recall;     /* chosen experts that had been predicted / chosen */
+    uint64_t stall_ns;            /* time compute waited for weights */
+    double read_gbps;             /* achieved read bandwidth while reading, GB/s */
+    int direct_io;                /* 1 when O_DIRECT is in use */
+    uint32_t n_layer;             /* entries of the arrays below */
+    const uint64_t *layer_hits;   /* [n_layer] expert hits per layer (owned by the model) */
+    const uint64_t *layer_misses; /* [n_layer] */
+} moerun_stats;
+
+/* A snapshot of the model's tier statistics. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
+ * Thread-safe. */
+MOERUN_API int moerun_model_get_stats(const moerun_model *model, moerun_stats *stats);
+MOERUN_API void moerun_model_reset_stats(moerun_model *model);
 
 /* ---------------------------------------------------------------------------------------------
  * Sampler: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw, as llama.cpp's

@@ -1,0 +1,356 @@
+/* Offloading: resident parts, sections and their slot layout, and the glue between the
+ * scheduler and the NVMe tier. */
+#include "offload.h"
+#include "internal.h"
+#include "model.h"
+#include "scheduler.h"
+#include "tiers.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Fields of struct mr_layer by where they live. */
+static const size_t dense_fields[] = {
+    offsetof(struct mr_layer, attn_norm),   offsetof(struct mr_layer, wq),
+    offsetof(struct mr_layer, wk),          offsetof(struct mr_layer, wv),
+    offsetof(struct mr_layer, wo),          offsetof(struct mr_layer, bq),
+    offsetof(struct mr_layer, bk),          offsetof(struct mr_layer, bv),
+    offsetof(struct mr_layer, q_norm),      offsetof(struct mr_layer, k_norm),
+    offsetof(struct mr_layer, sh_gate_inp), offsetof(struct mr_layer, sh_gate),
+    offsetof(struct mr_layer, sh_up),       offsetof(struct mr_layer, sh_down),
+};
+static const size_t resident_fields[] = {
+    offsetof(struct mr_layer, ffn_norm), /* the router and its norm: predictions never wait */
+    offsetof(struct mr_layer, router),
+};
+static const size_t expert_fields[3] = {
+    offsetof(struct mr_layer, gate_exps),
+    offsetof(struct mr_layer, up_exps),
+    offsetof(struct mr_layer, down_exps),
+};
+
+#define FIELD(l, off) ((struct mr_weight *)((uint8_t *)(l) + (off)))
+
+struct mr_offload {
+    struct tier_host *host;
+    struct tier_nvme *nvme;
+    struct sched *sched;
+    struct sched_section *sections; /* [L + L*E] */
+    uint32_t n_sections;
+    uint32_t n_layer, n_expert;
+    struct mr_layer *dense_at; /* [L]: data = offset of the tensor in its slot */
+    uint64_t (*expert_at)[3];  /* [L*E]: offsets of gate, up, down in the slot */
+    uint8_t *resident;         /* embeddings, output, routers and their norms */
+    uint64_t resident_bytes;
+    int prefetch_layers;
+    pthread_mutex_t run_lock;
+    const moerun_allocator *a;
+};
+
+static uint64_t tensor_bytes(const struct mr_weight *w) {
+    return w->matrix_bytes * w->ne[2] * w->ne[3];
+}
+
+static uint64_t file_offset(const struct mr_weight *w) {
+    return (uint64_t)(uintptr_t)w->data; /* bound but not yet placed: the file offset */
+}
+
+/* Append a range to a section: its span is read to the slot at *cursor. Returns the offset of
+ * the tensor's first byte in the slot. */
+static uint64_t section_add(struct sched_section *sec, uint64_t off, uint64_t len) {
+    struct tier_span sp = tier_span_of(off, len);
+    struct sched_range *r = &sec->ranges[sec->n_ranges++];
+    r->file_offset = sp.offset;
+    r->bytes = sp.bytes;
+    r->slot_offset = sec->slot_bytes;
+    sec->slot_bytes += sp.bytes;
+    return r->slot_offset + sp.slack;
+}
+
+static void build_sections(struct mr_offload *o, const struct mr_weights *w) {
+    const uint32_t L = o->n_layer, E = o->n_expert;
+    for (uint32_t il = 0; il < L; il++) {
+        const struct mr_layer *l = &w->layers[il];
+        struct sched_section *sec = &o->sections[sched_section_index(L, E, il, -1)];
+        sec->layer = il;
+        sec->expert = -1;
+        o->dense_at[il] = *l;
+        for (size_t i = 0; i < MR_ARRAY_LEN(dense_fields); i++) {
+            const struct mr_weight *f = FIELD(l, dense_fields[i]);
+            if (!f->row_bytes)
+                continue;
+            uint64_t at = section_add(sec, file_offset(f), tensor_bytes(f));
+            FIELD(&o->dense_at[il], dense_fields[i])->data = (const uint8_t *)(uintptr_t)at;
+        }
+        for (uint32_t e = 0; e < E; e++) {
+            const uint32_t idx = sched_section_index(L, E, il, (int32_t)e);
+            sec = &o->sections[idx];
+            sec->layer = il;
+            sec->expert = (int32_t)e;
+            for (int k = 0; k < 3; k++) {
+                const struct mr_weight *f = FIELD(l, expert_fields[k]);
+                o->expert_at[il * E + e][k] =
+                    section_add(sec, file_offset(f) + e * f->matrix_bytes, f->matrix_bytes);
+            }
+        }
+    }
+}
+
+/* Read the resident tensors with plain preads and point the weights at them. */
+static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
+    const size_t max = 3 + MR_ARRAY_LEN(resident_fields) * (size_t)o->n_layer;
+    struct mr_weight **list = mr_calloc(o->a, max, sizeof(*list));
+    if (!list)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
+    size_t n = 0;
+    list[n++] = &w->tok_embd;
+    list[n++] = &w->output_norm;
+    const bool tied = file_offset(&w->output) == file_offset(&w->tok_embd);
+    if (!tied)
+        list[n++] = &w->output;
+    for (uint32_t il = 0; il < o->n_layer; il++)
+        for (size_t i = 0; i < MR_ARRAY_LEN(resident_fields); i++)
+            list[n++] = FIELD(&w->layers[il], resident_fields[i]);
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += (tensor_bytes(list[i]) + 63) & ~(uint64_t)63;
+    o->resident_bytes = total;
+    o->resident = mr_alloc(o->a, total, 64);
+    int rc = MOERUN_OK;
+    if (!o->resident)
+        rc = mr_err(MOERUN_ERR_NOMEM, "offload: cannot allocate %llu bytes of resident weights",
+                    (unsigned long long)total);
+    uint64_t at = 0;
+    for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
+        const uint64_t bytes = tensor_bytes(list[i]), off = file_offset(list[i]);
+        for (uint64_t done = 0; done < bytes && rc == MOERUN_OK;) {
+            ssize_t got = pread(fd, o->resident + at + done, bytes - done, (off_t)(off + done));
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got < 0)
+                rc = mr_err_errno(errno, "offload: reading resident weights");
+            else if (got == 0)
+                rc = mr_err(MOERUN_ERR_FORMAT, "offload: the file ends early");
+            else
+                done += (uint64_t)got;
+        }
+        list[i]->data = o->resident + at;
+        at += (bytes + 63) & ~(uint64_t)63;
+    }
+    if (tied)
+        w->output = w->tok_embd;
+    mr_free(o->a, list);
+    return rc;
+}
+
+static void on_read_done(void *user, uint64_t tag, int status, const char *msg) {
+    struct mr_offload *o = user;
+    sched_load_done(o->sched, tag, status, msg);
+}
+
+static int load_section(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
+    struct mr_offload *o = ctx;
+    struct tier_read reads[SCHED_MAX_RANGES];
+    for (uint32_t i = 0; i < sec->n_ranges; i++) {
+        reads[i].offset = sec->ranges[i].file_offset;
+        reads[i].bytes = sec->ranges[i].bytes;
+        reads[i].dst = (uint8_t *)dst + sec->ranges[i].slot_offset;
+    }
+    return tier_nvme_submit(o->nvme, reads, sec->n_ranges, tag);
+}
+
+static void fmt_bytes(char *buf, size_t size, uint64_t b) {
+    snprintf(buf, size, "%llu bytes (%.1f MiB)", (unsigned long long)b, b / 1048576.0);
+}
+
+int offload_open(struct moerun_model *m, const char *path) {
+    struct mr_weights *w = m->w;
+    const moerun_allocator *a = m->params.allocator;
+    struct mr_offload *o = mr_calloc(a, 1, sizeof(*o));
+    if (!o)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
+    m->offload = o;
+    o->a = a;
+    o->n_layer = w->hp.n_layer;
+    o->n_expert = w->hp.n_expert;
+    o->prefetch_layers = m->params.prefetch_layers > 0 ? m->params.prefetch_layers : 1;
+    pthread_mutex_init(&o->run_lock, NULL);
+    if (o->n_layer > 4096)
+        return mr_err(MOERUN_ERR_UNSUPPORTED, "offload: more than 4096 layers");
+    o->n_sections = o->n_layer + o->n_layer * o->n_expert;
+    o->sections = mr_calloc(a, o->n_sections, sizeof(*o->sections));
+    o->dense_at = mr_calloc(a, o->n_layer, sizeof(*o->dense_at));
+    o->expert_at = mr_calloc(a, (size_t)o->n_layer * o->n_expert, sizeof(*o->expert_at));
+    if (!o->sections || !o->dense_at || !o->expert_at)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory for %u sections", o->n_sections);
+    build_sections(o, w);
+
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return mr_err_errno(errno, "offload: open");
+    int rc = read_resident(o, w, fd);
+    close(fd);
+    if (rc != MOERUN_OK)
+        return rc;
+
+    struct sched_params sp = {
+        .n_layer = o->n_layer,
+        .n_expert = o->n_expert,
+        .n_expert_used = w->hp.n_expert_used,
+        .policy = (enum sched_policy)m->params.policy,
+        .prefetch = m->params.prefetch != 0,
+    };
+    const uint64_t min_slots = sched_min_bytes(&sp, o->sections, o->n_sections);
+    const uint64_t need = o->resident_bytes + min_slots;
+    if (m->params.host_bytes < need) {
+        char b1[64], b2[64], b3[64], b4[64];
+        fmt_bytes(b1, sizeof(b1), m->params.host_bytes);
+        fmt_bytes(b2, sizeof(b2), need);
+        fmt_bytes(b3, sizeof(b3), o->resident_bytes);
+        fmt_bytes(b4, sizeof(b4), min_slots);
+        return mr_err(MOERUN_ERR_BUDGET,
+                      "host budget of %s is below the minimum for this model, %s (resident "
+                      "embeddings, output and routers %s + the fewest slots %s)",
+                      b1, b2, b3, b4);
+    }
+    const uint64_t region =
+        (m->params.host_bytes - o->resident_bytes) & ~(uint64_t)(TIER_ALIGN - 1);
+    struct tier_host_params hp = {.bytes = region, .huge_pages = true, .bind_numa = true};
+    if ((rc = tier_host_create(&hp, &o->host)) != MOERUN_OK)
+        return rc;
+    struct tier_nvme_params np = {
+        .queue_depth = 64,
+        .direct = m->params.direct_io != 0,
+        .region = tier_host_base(o->host),
+        .region_bytes = tier_host_bytes(o->host),
+        .done = on_read_done,
+        .user = o,
+    };
+    if ((rc = tier_nvme_open(path, &np, &o->nvme)) != MOERUN_OK)
+        return rc;
+    sp.region = tier_host_base(o->host);
+    sp.region_bytes = tier_host_bytes(o->host);
+    struct sched_loader loader = {load_section, o};
+    if ((rc = sched_create(&sp, o->sections, o->n_sections, loader, &o->sched)) != MOERUN_OK)
+        return rc;
+    mr_log_info("offload: host tier %s (%s), resident %llu bytes, O_DIRECT %s",
+                tier_host_describe(o->host), path, (unsigned long long)o->resident_bytes,
+                tier_nvme_is_direct(o->nvme) ? "on" : "off");
+    return MOERUN_OK;
+}
+
+void offload_close(struct moerun_model *m) {
+    struct mr_offload *o = m->offload;
+    if (!o)
+        return;
+    sched_destroy(o->sched); /* waits for the loads in flight */
+    tier_nvme_close(o->nvme);
+    tier_host_destroy(o->host);
+    pthread_mutex_destroy(&o->run_lock);
+    mr_free(o->a, o->resident);
+    mr_free(o->a, o->expert_at);
+    mr_free(o->a, o->dense_at);
+    mr_free(o->a, o->sections);
+    mr_free(o->a, o);
+    m->offload = NULL;
+}
+
+void offload_lock(struct mr_offload *o) {
+    pthread_mutex_lock(&o->run_lock);
+}
+
+void offload_unlock(struct mr_offload *o) {
+    pthread_mutex_unlock(&o->run_lock);
+}
+
+int offload_layer_acquire(struct mr_offload *o, uint32_t il, struct mr_layer *view) {
+    const void *base;
+    int rc = sched_dense_acquire(o->sched, il, &base);
+    if (rc != MOERUN_OK)
+        return rc;
+    *view = o->dense_at[il];
+    for (size_t i = 0; i < MR_ARRAY_LEN(dense_fields); i++) {
+        struct mr_weight *f = FIELD(view, dense_fields[i]);
+        if (f->row_bytes)
+            f->data = (const uint8_t *)base + (uintptr_t)f->data;
+    }
+    return MOERUN_OK;
+}
+
+void offload_layer_release(struct mr_offload *o, uint32_t il) {
+    sched_dense_release(o->sched, il);
+}
+
+int offload_experts_request(struct mr_offload *o, uint32_t il, const int32_t *experts, uint32_t n) {
+    return sched_experts_request(o->sched, il, experts, n);
+}
+
+int offload_experts_next(struct mr_offload *o, uint32_t il, int32_t *expert,
+                         struct mr_expert_ptrs *p) {
+    const void *base;
+    int rc = sched_experts_next(o->sched, il, expert, &base);
+    if (rc != MOERUN_OK)
+        return rc;
+    const uint64_t *at = o->expert_at[il * o->n_expert + (uint32_t)*expert];
+    p->gate = (const uint8_t *)base + at[0];
+    p->up = (const uint8_t *)base + at[1];
+    p->down = (const uint8_t *)base + at[2];
+    return MOERUN_OK;
+}
+
+void offload_expert_release(struct mr_offload *o, uint32_t il, int32_t expert) {
+    sched_expert_release(o->sched, il, expert);
+}
+
+void offload_predict(struct mr_offload *o, uint32_t il, const float *probs) {
+    sched_predict(o->sched, il, probs);
+}
+
+int offload_prefetch_layers(const struct mr_offload *o) {
+    return o->prefetch_layers;
+}
+
+void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
+    struct sched_stats ss;
+    struct tier_nvme_stats ns;
+    sched_get_stats(o->sched, &ss);
+    tier_nvme_get_stats(o->nvme, &ns);
+    moerun_stats st;
+    memset(&st, 0, sizeof(st));
+    st.struct_size = sizeof(st);
+    st.host_bytes = tier_host_bytes(o->host) + o->resident_bytes;
+    struct sched_layout lay;
+    sched_get_layout(o->sched, &lay);
+    st.slot_bytes_dense = lay.dense_slot_bytes;
+    st.slots_dense = lay.n_dense_slots;
+    st.slot_bytes_expert = lay.expert_slot_bytes;
+    st.slots_expert = lay.n_expert_slots;
+    st.nvme_bytes_read = ns.bytes_read;
+    st.nvme_busy_ns = ns.busy_ns;
+    st.expert_hits = ss.expert_hits;
+    st.expert_misses = ss.expert_misses;
+    st.dense_hits = ss.dense_hits;
+    st.dense_misses = ss.dense_misses;
+    st.prefetch_issued = ss.prefetch_issued;
+    st.prefetch_used = ss.prefetch_used;
+    st.prediction_precision = ss.predicted ? (double)ss.predicted_correct / ss.predicted : 0.0;
+    st.prediction_recall = ss.needed ? (double)ss.predicted_correct / ss.needed : 0.0;
+    st.stall_ns = ss.stall_ns;
+    st.read_gbps = ns.busy_ns ? (double)ns.bytes_read / (double)ns.busy_ns : 0.0;
+    st.direct_io = tier_nvme_is_direct(o->nvme);
+    st.n_layer = o->n_layer;
+    st.layer_hits = ss.layer_hits;
+    st.layer_misses = ss.layer_misses;
+    size_t n = MR_MIN(out->struct_size, sizeof(st));
+    memcpy(out, &st, n);
+    out->struct_size = n;
+}
+
+void offload_reset_stats(struct mr_offload *o) {
+    sched_reset_stats(o->sched);
+}
