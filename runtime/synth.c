@@ -482,10 +482,11 @@ static int write_weights(struct gguf_writer *w, const struct synth_plan *plan, u
         max_ne0 = MR_MAX(max_ne0, plan->t[i].ne[0]);
         max_row_bytes = MR_MAX(max_row_bytes, rb);
     }
-    const uint64_t batch_rows_max = MR_MAX(1, SYNTH_BATCH_BYTES / max_row_bytes);
+    /* a batch is floor(SYNTH_BATCH_BYTES / row bytes) rows (at least one) of any tensor */
+    const uint64_t batch_bytes_max = MR_MAX((uint64_t)SYNTH_BATCH_BYTES, max_row_bytes);
     int rc = MOERUN_OK;
     float *scratch = malloc((size_t)nth * max_ne0 * sizeof(float));
-    uint8_t *out = malloc((size_t)(batch_rows_max * max_row_bytes));
+    uint8_t *out = malloc((size_t)batch_bytes_max);
     if (!scratch || !out) {
         rc = mr_err(MOERUN_ERR_NOMEM, "synth: out of memory for the weight batch");
         goto out_free;

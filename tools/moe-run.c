@@ -646,17 +646,70 @@ static int write_logits(const char *path, const float *x, size_t n) {
 
 /* Decode the prompt, then sample, print and decode one token at a time until -n tokens, an
  * end-of-generation token or a full context. Returns the exit status. */
-/* --trace-out: one JSON object per token and layer. */
+/* --trace-out: one JSON object per token and layer, token-major. The library reports routing
+ * in execution order (a prompt batch layer by layer), so each decode call's records are held
+ * and written sorted by (token, layer) when the call returns. */
+struct trace_rec {
+    uint32_t pos, layer;
+    size_t at, len; /* the line in text */
+};
+
+struct trace {
+    FILE *f;
+    struct trace_rec *recs;
+    size_t n, cap;
+    struct buf text;
+    int failed;
+};
+
 static void trace_route(void *user, uint32_t pos, uint32_t layer, const int32_t *experts,
                         const float *weights, uint32_t k) {
-    FILE *f = user;
-    fprintf(f, "{\"token\":%u,\"layer\":%u,\"experts\":[", pos, layer);
-    for (uint32_t i = 0; i < k; i++)
-        fprintf(f, "%s%d", i ? "," : "", experts[i]);
-    fprintf(f, "],\"weights\":[");
-    for (uint32_t i = 0; i < k; i++)
-        fprintf(f, "%s%.6g", i ? "," : "", weights[i]);
-    fprintf(f, "]}\n");
+    struct trace *t = user;
+    char line[64 + 32 * 64];
+    int len = snprintf(line, sizeof(line), "{\"token\":%u,\"layer\":%u,\"experts\":[", pos, layer);
+    for (uint32_t i = 0; i < k && len < (int)sizeof(line) - 64; i++)
+        len += snprintf(line + len, sizeof(line) - (size_t)len, "%s%d", i ? "," : "", experts[i]);
+    len += snprintf(line + len, sizeof(line) - (size_t)len, "],\"weights\":[");
+    for (uint32_t i = 0; i < k && len < (int)sizeof(line) - 32; i++)
+        len += snprintf(line + len, sizeof(line) - (size_t)len, "%s%.6g", i ? "," : "", weights[i]);
+    len += snprintf(line + len, sizeof(line) - (size_t)len, "]}\n");
+    if (len >= (int)sizeof(line) || t->failed) {
+        t->failed = 1;
+        return;
+    }
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? 2 * t->cap : 1024;
+        struct trace_rec *r = realloc(t->recs, cap * sizeof(*r));
+        if (!r) {
+            t->failed = 1;
+            return;
+        }
+        t->recs = r;
+        t->cap = cap;
+    }
+    t->recs[t->n++] = (struct trace_rec){pos, layer, t->text.len, (size_t)len};
+    buf_put(&t->text, line, (size_t)len);
+}
+
+static int trace_rec_cmp(const void *a, const void *b) {
+    const struct trace_rec *x = a, *y = b;
+    if (x->pos != y->pos)
+        return x->pos < y->pos ? -1 : 1;
+    return x->layer < y->layer ? -1 : x->layer > y->layer;
+}
+
+/* Write the held records sorted; 0 or -1 on a write or memory failure. */
+static int trace_flush(struct trace *t) {
+    if (!t->f)
+        return 0;
+    if (t->failed || t->text.failed)
+        return -1;
+    qsort(t->recs, t->n, sizeof(*t->recs), trace_rec_cmp);
+    for (size_t i = 0; i < t->n; i++)
+        fwrite(t->text.data + t->recs[i].at, 1, t->recs[i].len, t->f);
+    t->n = 0;
+    t->text.len = 0;
+    return ferror(t->f) ? -1 : 0;
 }
 
 /* The tier figures of the decode phase: as JSON members, or as text on stderr. */
@@ -723,7 +776,7 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
     float *logits = NULL;
     int32_t *gen = NULL;
     struct buf text = {0};
-    FILE *trace = NULL;
+    struct trace trace = {0};
 
     rc = moerun_sampler_create(&o->samp, n_vocab, &smp);
     if (rc != MOERUN_OK) {
@@ -766,12 +819,12 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
     }
 
     if (o->trace_out) {
-        trace = fopen(o->trace_out, "w");
-        if (!trace) {
+        trace.f = fopen(o->trace_out, "w");
+        if (!trace.f) {
             fprintf(stderr, "moe-run: cannot write %s: %s\n", o->trace_out, strerror(errno));
             goto out;
         }
-        moerun_session_set_route_callback(s, trace_route, trace);
+        moerun_session_set_route_callback(s, trace_route, &trace);
     }
     if (!o->json && prompt_text) {
         fwrite(prompt_text, 1, prompt_len, stdout);
@@ -794,6 +847,10 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
         goto out;
     }
     const double t1 = now_ms();
+    if (trace_flush(&trace) != 0) {
+        fprintf(stderr, "moe-run: writing %s failed\n", o->trace_out);
+        goto out;
+    }
     moerun_stats st = {.struct_size = sizeof(st)};
     moerun_model_get_stats(m, &st);
     const uint64_t prompt_bytes = st.nvme_bytes_read;
@@ -836,6 +893,10 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
             break;
         }
         rc = moerun_session_decode(s, &tok, 1, last, 0);
+        if (rc == MOERUN_OK && trace_flush(&trace) != 0) {
+            fprintf(stderr, "moe-run: writing %s failed\n", o->trace_out);
+            goto out;
+        }
         if (rc != MOERUN_OK) {
             fprintf(stderr, "moe-run: cannot evaluate token %d: %s (%s)\n", tok, moerun_errmsg(),
                     moerun_status_str(rc));
@@ -888,14 +949,16 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
                         "--host-mem)\n");
     }
     status = 0;
-    if (trace && fclose(trace) != 0) {
+    if (trace.f && (trace_flush(&trace) != 0 || fclose(trace.f) != 0)) {
         fprintf(stderr, "moe-run: writing %s failed\n", o->trace_out);
         status = 1;
     }
-    trace = NULL;
+    trace.f = NULL;
 out:
-    if (trace)
-        fclose(trace);
+    if (trace.f)
+        fclose(trace.f);
+    free(trace.recs);
+    free(trace.text.data);
     free(text.data);
     free(gen);
     free(logits);
