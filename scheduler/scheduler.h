@@ -18,15 +18,18 @@
  * Thread model: one compute thread calls everything but sched_load_done; the loader's thread
  * calls sched_load_done. All waiting is on one mutex and condition variable.
  */
-#ifndef MOERUN_SCHED_H
-#define MOERUN_SCHED_H
+#ifndef MOERUN_SCHEDULER_H
+#define MOERUN_SCHEDULER_H
 
 #include "moerun.h"
 
 #include <stdbool.h>
 #include <stdint.h>
 
-#define SCHED_MAX_RANGES 24 /* tensors in one section (a dense part has up to ~17) */
+#define SCHED_MAX_RANGES 24    /* tensors in one section (a dense part has up to ~17) */
+#define SCHED_ALIGN      4096u /* slot sizes and offsets are multiples of it (= TIER_ALIGN) */
+
+struct sched;
 
 enum sched_policy {
     SCHED_POLICY_LRU,       /* evict the expert used longest ago */
@@ -62,12 +65,13 @@ struct sched_loader {
 struct sched_params {
     uint32_t n_layer;
     uint32_t n_expert;
-    uint32_t n_expert_used;      /* k: the most experts one token needs in a layer */
-    void *region;                /* host tier memory the slots are carved from */
+    uint32_t n_expert_used; /* k: the most experts one token needs in a layer */
+    void *region;           /* host tier memory the slots are carved from */
     uint64_t region_bytes;
     enum sched_policy policy;
-    bool prefetch;               /* act on predictions */
-    uint32_t ring_ahead;         /* dense parts loaded ahead in the ring; 0 = as many as fit */
+    bool prefetch;       /* act on predictions */
+    uint32_t ring_ahead; /* dense parts loaded ahead of the one computing; 0 = 1 (a ring
+                            of 2 slots when they do not all fit; capped by the budget) */
 };
 
 /* The least region_bytes that runs: 2 dense slots when the dense parts do not all fit (or all
@@ -76,7 +80,13 @@ uint64_t sched_min_bytes(const struct sched_params *p, const struct sched_sectio
                          uint32_t n_sections);
 
 /* sections: n_layer dense parts then n_layer * n_expert experts, index = sched_section_index.
- * Returns MOERUN_OK or MOERUN_ERR_BUDGET naming the minimum. */
+ * The sections are copied. region must be SCHED_ALIGN-aligned. Slot sizes: the largest
+ * slot_bytes of the dense parts, of the experts, each rounded up to SCHED_ALIGN. When all the
+ * dense parts fit with n_expert_used expert slots, each layer has its own dense slot (loaded
+ * once); otherwise a ring of R = ring_ahead + 1 slots (at least 2, fewer when the budget is
+ * short). The rest of the region is expert slots. Everything is allocated here.
+ * Returns MOERUN_OK, MOERUN_ERR_BUDGET naming the minimum (bytes and MiB),
+ * MOERUN_ERR_INVALID_ARG (inconsistent sections or params), MOERUN_ERR_NOMEM. */
 int sched_create(const struct sched_params *p, const struct sched_section *sections,
                  uint32_t n_sections, struct sched_loader loader, struct sched **out);
 void sched_destroy(struct sched *s); /* waits for loads in flight; NULL is a no-op */
@@ -86,23 +96,35 @@ static inline uint32_t sched_section_index(uint32_t n_layer, uint32_t n_expert, 
     return expert < 0 ? layer : n_layer + layer * n_expert + (uint32_t)expert;
 }
 
-/* Completion from the loader (any thread). */
+/* Completion from the loader (any thread; also from inside load() itself: the scheduler never
+ * holds its mutex while it calls load()). status MOERUN_OK or a negative code; msg may be NULL. */
 void sched_load_done(struct sched *s, uint64_t tag, int status, const char *msg);
 
 /* --- the forward pass's calls, in order, per layer ------------------------------------------ */
 
 /* The dense part of layer l, resident (waits for its load; starts the ring's loads ahead).
- * Returns MOERUN_OK and *base (the slot), or the load's error. */
+ * Ring slots are reused in execution order: a layer goes into the slot whose layer is needed
+ * furthest in the future (never an acquired or loading one), which is slot l % R when R
+ * divides n_layer. Release also starts the next load ahead into the released slot.
+ * Returns MOERUN_OK and *base (the slot), or the error of a load this call waited for
+ * (MOERUN_ERR_IO with its message; the section is left absent and the next call loads it
+ * again). A load that failed before any call waited for it (a load ahead, a prefetch) is
+ * simply started again when needed. */
 int sched_dense_acquire(struct sched *s, uint32_t layer, const void **base);
 void sched_dense_release(struct sched *s, uint32_t layer);
 
 /* The experts layer l needs now (the union over the batch's tokens), n <= n_expert: start the
- * loads of those not resident, as slots allow, most needed first. */
+ * loads of those not resident, as slots allow, most needed first. A request ends the previous
+ * one (its experts not yet released are released). Returns MOERUN_OK or
+ * MOERUN_ERR_INVALID_ARG (layer or expert out of range, duplicates). */
 int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *experts, uint32_t n);
 
 /* The next requested expert of layer l that is resident and not yet handed out (waits for one
  * when none is): *expert and *base. Returns MOERUN_OK, 1 when all requested were handed out,
- * or a load error. Release each when computed (frees its slot for the rest). */
+ * or the error of one requested expert's load (MOERUN_ERR_IO with its message, reported once;
+ * calling again loads it again), or MOERUN_ERR_INVALID_ARG when layer is not the one requested
+ * or every slot holds a handed-out expert that was not released. Release each when computed
+ * (frees its slot for the rest). */
 int sched_experts_next(struct sched *s, uint32_t layer, int32_t *expert, const void **base);
 void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert);
 
@@ -111,26 +133,41 @@ void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert);
  * now; predictions are also what precision/recall are measured on. */
 void sched_predict(struct sched *s, uint32_t layer, const float *scores);
 
+/* --- introspection (tests, tools) ----------------------------------------------------------- */
+
+enum sched_state { SCHED_ABSENT, SCHED_LOADING, SCHED_RESIDENT, SCHED_FAILED };
+
+struct sched_layout {
+    bool ring;              /* dense parts flow through a ring (else each has its slot) */
+    uint32_t n_dense_slots; /* R, or n_layer */
+    uint32_t n_expert_slots;
+    uint64_t dense_slot_bytes; /* multiples of SCHED_ALIGN */
+    uint64_t expert_slot_bytes;
+};
+void sched_get_layout(const struct sched *s, struct sched_layout *out);
+/* State of a section now (expert -1: the dense part); SCHED_ABSENT when out of range. */
+enum sched_state sched_section_state(const struct sched *s, uint32_t layer, int32_t expert);
+
 /* --- statistics ----------------------------------------------------------------------------- */
 
 struct sched_stats {
-    uint64_t bytes_loaded;       /* bytes the loader was asked for */
-    uint64_t loads;              /* sections loaded */
-    uint64_t expert_hits;        /* needed expert already resident (or loading from a prefetch) */
-    uint64_t expert_misses;      /* needed expert not resident: loaded on demand */
+    uint64_t bytes_loaded;  /* bytes the loader was asked for */
+    uint64_t loads;         /* sections loaded */
+    uint64_t expert_hits;   /* needed expert already resident (or loading from a prefetch) */
+    uint64_t expert_misses; /* needed expert not resident: loaded on demand */
     uint64_t dense_hits, dense_misses;
-    uint64_t prefetch_issued;    /* expert loads started from predictions */
-    uint64_t prefetch_used;      /* of those, experts needed before their eviction */
-    uint64_t predicted;          /* predicted experts (top-k of each prediction) */
-    uint64_t predicted_correct;  /* of those, in the set the layer then needed */
-    uint64_t needed;             /* experts needed by layers that had a prediction */
-    uint64_t stall_ns;           /* time the compute thread waited for loads */
-    uint64_t *layer_hits;        /* [n_layer], owned by the scheduler */
-    uint64_t *layer_misses;      /* [n_layer] */
+    uint64_t prefetch_issued;   /* expert loads started from predictions */
+    uint64_t prefetch_used;     /* of those, experts needed before their eviction */
+    uint64_t predicted;         /* predicted experts (top-k of each prediction) */
+    uint64_t predicted_correct; /* of those, in the set the layer then needed */
+    uint64_t needed;            /* experts needed by layers that had a prediction */
+    uint64_t stall_ns;          /* time the compute thread waited for loads */
+    uint64_t *layer_hits;       /* [n_layer] expert hits per layer, owned by the scheduler */
+    uint64_t *layer_misses;     /* [n_layer] expert misses per layer */
 };
 
 /* A snapshot (the per-layer arrays point into the scheduler; valid until it is destroyed). */
 void sched_get_stats(const struct sched *s, struct sched_stats *out);
 void sched_reset_stats(struct sched *s);
 
-#endif /* MOERUN_SCHED_H */
+#endif /* MOERUN_SCHEDULER_H */

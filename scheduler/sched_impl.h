@@ -1,0 +1,86 @@
+/* Scheduler internals shared by its files (sched.c: layout, residency, dense ring, completion,
+ * statistics; experts.c: expert cache, policies, prediction). Not for other modules.
+ *
+ * Locking: one mutex and one condition variable guard all the state. The compute thread decides
+ * loads under the mutex (marks the sections loading, records them in s->issue), then drops the
+ * mutex and calls loader.load() for each (sched_flush_loads), so a loader may call
+ * sched_load_done() synchronously from inside load(). The issue list is touched by the compute
+ * thread only. sched_load_done() only moves a section from loading to resident or failed and
+ * broadcasts. */
+#ifndef MOERUN_SCHED_IMPL_H
+#define MOERUN_SCHED_IMPL_H
+
+#include "scheduler.h"
+
+#include <pthread.h>
+
+#define SCHED_MSG 384 /* bytes of a failed load's message kept per slot */
+
+struct sec_state {
+    uint64_t last_use;  /* tick of the last request that needed it (or of its prefetch) */
+    uint64_t uses;      /* requests that needed it */
+    float score;        /* latest predicted score of its layer; 0 = none */
+    int32_t slot;       /* dense or expert slot, -1 = none */
+    uint32_t pins;      /* acquired / requested and not released */
+    uint8_t state;      /* enum sched_state */
+    uint8_t prefetched; /* loaded from a prediction and not needed since */
+};
+
+struct req_entry {
+    uint32_t sec;
+    int32_t expert;
+    bool pinned; /* holds a pin on its section (present, or its load was started) */
+    bool handed;
+    bool released;
+};
+
+struct issue {
+    uint32_t sec;
+    void *dst;
+};
+
+struct sched {
+    struct sched_params p;
+    struct sched_loader loader;
+    struct sched_section *sections; /* [n_sections], a copy */
+    struct sec_state *st;           /* [n_sections] */
+    uint32_t n_sections;
+
+    bool ring;
+    uint32_t ahead; /* dense layers loaded ahead of the one acquired */
+    uint32_t n_dslots, n_eslots;
+    uint64_t dslot_bytes, eslot_bytes;
+    uint8_t *dbase, *ebase;
+    int32_t *dslot_sec, *eslot_sec; /* [slots] section held, -1 = free */
+    char *dmsg, *emsg;              /* [slots][SCHED_MSG] message of a failed load */
+
+    /* the current expert request */
+    struct req_entry *req; /* [n_expert] */
+    uint32_t req_n, req_handed, req_layer;
+    bool req_active;
+    uint8_t *mark; /* [n_expert] scratch marks */
+
+    /* predictions: top-k of the latest one per layer, waiting for that layer's request */
+    int32_t *pred_topk; /* [n_layer][k] */
+    bool *pred_pending; /* [n_layer] */
+
+    struct issue *issue; /* [n_dslots + n_eslots] loads to start once the mutex is dropped */
+    uint32_t n_issue;
+
+    uint64_t tick;
+    uint32_t in_flight;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct sched_stats stats;
+};
+
+/* Helpers (mutex held unless said otherwise). */
+void *sched_slot_ptr(const struct sched *s, uint32_t sec, int32_t slot);
+void sched_evict(struct sched *s, uint32_t sec);                    /* not loading, not pinned */
+void sched_start_load(struct sched *s, uint32_t sec, int32_t slot); /* queue it */
+int sched_take_failure(struct sched *s, uint32_t sec);              /* report once, leave absent */
+void sched_wait_load(struct sched *s);                              /* counts stall time */
+void sched_flush_loads(struct sched *s);                            /* mutex NOT held */
+void sched_flush_locked(struct sched *s);                           /* drop, start, retake */
+
+#endif /* MOERUN_SCHED_IMPL_H */
