@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 /* <arch>.<suffix> as u32: MOERUN_OK, 1 when absent (out unchanged), or an error. */
@@ -254,6 +255,23 @@ static int read_data(struct mr_weights *w, const struct gguf_ctx *g, const char 
     return rc;
 }
 
+/* The file mapped read-only: weights come from the page cache on demand. */
+static int map_data(struct mr_weights *w, const struct gguf_ctx *g, const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return mr_err_errno(errno, "model: open for mapping");
+    void *map = mmap(NULL, (size_t)g->file_size, PROT_READ, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (map == MAP_FAILED)
+        return mr_err_errno(e, "model: mmap");
+    w->map = map;
+    w->map_bytes = g->file_size;
+    w->data = (uint8_t *)map + g->data_offset;
+    w->data_bytes = g->file_size - g->data_offset;
+    return MOERUN_OK;
+}
+
 int weights_load(struct moerun_model *m, const char *path) {
     const moerun_allocator *a = m->params.allocator;
     const struct gguf_ctx *g = m->gguf;
@@ -303,7 +321,8 @@ int weights_load(struct moerun_model *m, const char *path) {
         return rc;
     if (m->params.host_bytes) /* tiers: the weights stay in the file */
         return offload_open(m, path);
-    if ((rc = read_data(w, g, path, a)) != MOERUN_OK)
+    rc = m->params.use_mmap ? map_data(w, g, path) : read_data(w, g, path, a);
+    if (rc != MOERUN_OK)
         return rc;
 
     rebase(&w->tok_embd, w->data, g->data_offset);
@@ -322,7 +341,10 @@ void weights_free(struct moerun_model *m) {
     if (!m->w)
         return;
     const moerun_allocator *a = m->params.allocator;
-    mr_free(a, m->w->data);
+    if (m->w->map)
+        munmap(m->w->map, (size_t)m->w->map_bytes);
+    else
+        mr_free(a, m->w->data);
     mr_free(a, m->w->layers);
     mr_free(a, m->w);
     m->w = NULL;

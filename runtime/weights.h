@@ -67,6 +67,8 @@ struct mr_weights {
     struct mr_layer *layers;      /* [L] */
     uint8_t *data;                /* the file's tensor data section, resident */
     uint64_t data_bytes;
+    void *map; /* with use_mmap: the whole file, mapped */
+    uint64_t map_bytes;
 };
 
 /* Read the hyper-parameters of the model's architecture, bind and check every tensor, and read

@@ -20,11 +20,14 @@
 
 /* Prompt logits [N_PROMPT][n_vocab] then N_STEPS greedy steps' logits, for one configuration.
  * Returns the logits, or NULL when the model does not open (*rc_out says why). */
+static int use_mmap; /* run() maps the file instead (no budget) */
+
 static float *run(const char *path, uint64_t host_bytes, int policy, int prefetch, uint32_t n_batch,
                   uint32_t *n_vocab, int *rc_out) {
     moerun_model_params mp;
     moerun_model_params_init(&mp);
     mp.host_bytes = host_bytes;
+    mp.use_mmap = use_mmap;
     mp.policy = policy;
     mp.prefetch = prefetch;
     mp.n_threads = 2;
@@ -94,6 +97,12 @@ static void check_invariant(const char *path, const char *what) {
     float *ref = run(path, 0, MOERUN_POLICY_LRU, 1, 0, &nv, NULL);
     assert_non_null(ref);
     const size_t bytes = (N_PROMPT + N_STEPS) * (size_t)nv * sizeof(float);
+    use_mmap = 1; /* the page-cache baseline computes the same */
+    float *mapped = run(path, 0, MOERUN_POLICY_LRU, 1, 0, &nv, NULL);
+    use_mmap = 0;
+    assert_non_null(mapped);
+    assert_memory_equal(mapped, ref, bytes);
+    free(mapped);
     const uint64_t lo = min_budget(path);
     const uint64_t budgets[] = {lo, lo + lo / 3, 4 * lo, 64ull << 20};
     int runs = 0;

@@ -43,6 +43,7 @@ struct options {
     int prefetch;               /* 0 with --no-prefetch */
     int prefetch_layers;        /* --prefetch-layers */
     int direct_io;              /* 0 with --no-direct-io */
+    int use_mmap;               /* --mmap */
     int stats;                  /* --stats */
     const char *trace_out;      /* --trace-out FILE */
 };
@@ -73,6 +74,8 @@ static void usage(FILE *f) {
            "  --no-prefetch           load experts only when needed (no prediction-driven loads)\n"
            "  --prefetch-layers N     layers predicted ahead (default 1)\n"
            "  --no-direct-io          buffered reads instead of O_DIRECT\n"
+           "  --mmap                  map the file and compute from the page cache (no tiers;\n"
+           "                          a baseline)\n"
            "  --stats                 print the tier statistics to stderr at the end\n"
            "  --trace-out FILE        write the routing of every token and layer as JSON lines\n"
            "  -s, --seed N            sampling seed (default -1 = random)\n"
@@ -233,6 +236,9 @@ static int parse_args(int argc, char **argv, struct options *o) {
             takes_value = 0;
         } else if (!strcmp(a, "--no-direct-io")) {
             o->direct_io = 0;
+            takes_value = 0;
+        } else if (!strcmp(a, "--mmap")) {
+            o->use_mmap = 1;
             takes_value = 0;
         } else if (!strcmp(a, "--stats")) {
             o->stats = 1;
@@ -1023,6 +1029,12 @@ int main(int argc, char **argv) {
     mp.prefetch = o.prefetch;
     mp.prefetch_layers = o.prefetch_layers;
     mp.direct_io = o.direct_io;
+    mp.use_mmap = o.use_mmap;
+    if (o.use_mmap && o.host_mem) {
+        fprintf(stderr, "moe-run: --mmap and --host-mem are two ways to hold the weights: "
+                        "choose one\n");
+        goto out;
+    }
     rc = moerun_model_open(path, &mp, &m);
     if (rc != MOERUN_OK) {
         fprintf(stderr, "moe-run: cannot open %s: %s (%s)\n", path, moerun_errmsg(),

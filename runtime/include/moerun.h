@@ -150,6 +150,9 @@ typedef struct moerun_model_params {
                                           on demand */
     int prefetch_layers;               /* layers predicted ahead; 0 = 1 */
     int direct_io;                     /* 1 = O_DIRECT reads (default; buffered where refused) */
+    int use_mmap;                      /* 1 = map the file and compute from the page cache, as
+                                          llama.cpp does by default (no tiers: the kernel decides
+                                          what stays; a baseline for benchmarks); 0 = default */
 } moerun_model_params;
 
 /* Eviction policies of the expert slots. */
