@@ -48,6 +48,7 @@ struct mr_offload {
     uint8_t *resident;         /* embeddings, output, routers and their norms */
     uint64_t resident_bytes;
     int prefetch_layers;
+    struct tier_nvme_stats nvme_base; /* the NVMe counters at the last reset */
     pthread_mutex_t run_lock;
     const moerun_allocator *a;
 };
@@ -320,6 +321,8 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
     struct tier_nvme_stats ns;
     sched_get_stats(o->sched, &ss);
     tier_nvme_get_stats(o->nvme, &ns);
+    ns.bytes_read -= o->nvme_base.bytes_read; /* since the last reset */
+    ns.busy_ns -= o->nvme_base.busy_ns;
     moerun_stats st;
     memset(&st, 0, sizeof(st));
     st.struct_size = sizeof(st);
@@ -353,4 +356,5 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
 
 void offload_reset_stats(struct mr_offload *o) {
     sched_reset_stats(o->sched);
+    tier_nvme_get_stats(o->nvme, &o->nvme_base);
 }

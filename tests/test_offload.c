@@ -38,6 +38,9 @@ static float *run(const char *path, uint64_t host_bytes, int policy, int prefetc
     if (rc != MOERUN_OK)
         return NULL;
     *n_vocab = moerun_model_n_vocab(m);
+    moerun_model_info info = {.struct_size = sizeof(info)};
+    assert_int_equal(moerun_model_get_info(m, &info), MOERUN_OK);
+    const uint32_t k_used = info.n_expert_used;
     const size_t nv = *n_vocab;
     float *out = malloc((N_PROMPT + N_STEPS) * nv * sizeof(float));
     assert_non_null(out);
@@ -51,6 +54,17 @@ static float *run(const char *path, uint64_t host_bytes, int policy, int prefetc
         prompt[i] = (int32_t)((i * 37 + 11) % nv);
     if (moerun_session_decode(s, prompt, N_PROMPT, out, 1) != MOERUN_OK)
         fail_msg("decode: %s", moerun_errmsg());
+    uint64_t prompt_read = 0;
+    if (host_bytes) { /* a reset starts the counters again (loads in flight may still add) */
+        moerun_stats st = {.struct_size = sizeof(st)};
+        assert_int_equal(moerun_model_get_stats(m, &st), MOERUN_OK);
+        prompt_read = st.nvme_bytes_read;
+        assert_true(prompt_read > 0);
+        moerun_model_reset_stats(m);
+        assert_int_equal(moerun_model_get_stats(m, &st), MOERUN_OK);
+        assert_int_equal(st.expert_hits + st.expert_misses, 0);
+        assert_true(st.nvme_bytes_read < prompt_read);
+    }
     for (int step = 0; step < N_STEPS; step++) {
         const float *last = out + (N_PROMPT - 1 + step) * nv;
         int32_t best = 0;
@@ -63,8 +77,8 @@ static float *run(const char *path, uint64_t host_bytes, int policy, int prefetc
     if (host_bytes) {
         moerun_stats st = {.struct_size = sizeof(st)};
         assert_int_equal(moerun_model_get_stats(m, &st), MOERUN_OK);
-        assert_true(st.nvme_bytes_read > 0);
-        assert_true(st.expert_hits + st.expert_misses > 0);
+        assert_int_equal(st.expert_hits + st.expert_misses,
+                         N_STEPS * st.n_layer * (uint64_t)k_used);
         uint64_t hits = 0, misses = 0;
         for (uint32_t l = 0; l < st.n_layer; l++) {
             hits += st.layer_hits[l];
