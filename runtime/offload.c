@@ -341,6 +341,7 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
     st.dense_misses = ss.dense_misses;
     st.prefetch_issued = ss.prefetch_issued;
     st.prefetch_used = ss.prefetch_used;
+    st.prefetch_cancelled = ss.prefetch_cancelled;
     st.prediction_precision = ss.predicted ? (double)ss.predicted_correct / ss.predicted : 0.0;
     st.prediction_recall = ss.needed ? (double)ss.predicted_correct / ss.needed : 0.0;
     st.stall_ns = ss.stall_ns;

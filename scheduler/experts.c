@@ -1,5 +1,6 @@
 /* Scheduler: the expert cache (slots chosen by LRU, LFU or predicted use), requests, hand-out
- * and release, predictions with prefetch and their precision/recall. */
+ * and release, predictions with prefetch (queued, cancelled when no longer wanted) and their
+ * precision/recall. */
 #include "sched_impl.h"
 
 #include "internal.h"
@@ -26,8 +27,9 @@ static bool worse(const struct sched *s, const struct sec_state *x, const struct
 }
 
 /* An expert slot to load into: a free one, a failed load's, else the policy's victim among the
- * residents that are not pinned (requested and unreleased) and not marked in s->mark for layer
- * excl_layer (-1: none). -1 when there is none. */
+ * residents and queued prefetches (taking one's slot cancels it) that are not pinned (requested
+ * and unreleased) and not marked in s->mark for layer excl_layer (-1: none). -1 when there is
+ * none. */
 static int32_t expert_pick(struct sched *s, int64_t excl_layer) {
     int32_t best = -1;
     for (uint32_t i = 0; i < s->n_eslots; i++) {
@@ -56,7 +58,9 @@ static void issue_deferred(struct sched *s) {
         if (r->pinned || r->handed)
             continue;
         struct sec_state *t = &s->st[r->sec];
-        if (t->state == SCHED_ABSENT) {
+        if (t->state == SCHED_QUEUED) {
+            sched_promote(s, r->sec);
+        } else if (t->state == SCHED_ABSENT) {
             int32_t slot = expert_pick(s, -1);
             if (slot < 0)
                 return;
@@ -72,6 +76,21 @@ static bool has_deferred(const struct sched *s) {
         if (!s->req[i].pinned && !s->req[i].handed)
             return true;
     return false;
+}
+
+/* Cancel the queued prefetches of layer `layer` not marked in s->mark, and those of layers the
+ * execution has passed: not among the next n_layer / 2 after `layer`. */
+static void cancel_queued(struct sched *s, uint32_t layer) {
+    const uint32_t nl = s->p.n_layer, window = MR_MAX(nl / 2, 1u);
+    for (uint32_t i = 0; i < s->n_eslots && s->n_queued; i++) {
+        int32_t x = s->eslot_sec[i];
+        if (x < 0 || s->st[x].state != SCHED_QUEUED)
+            continue;
+        const struct sched_section *c = &s->sections[x];
+        uint32_t d = (c->layer + nl - layer) % nl;
+        if (d == 0 ? !s->mark[c->expert] : d > window)
+            sched_evict(s, (uint32_t)x);
+    }
 }
 
 /* End the current request: unpin what it still holds. */
@@ -132,6 +151,8 @@ int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *expert
                 s->stats.prefetch_used++;
             t->prefetched = 0;
         } else {
+            if (t->state == SCHED_QUEUED)
+                sched_promote(s, sec); /* not loaded ahead after all: a miss, loading now */
             s->stats.expert_misses++;
             s->stats.layer_misses[layer]++;
         }
@@ -140,7 +161,10 @@ int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *expert
             r->pinned = true;
         }
     }
+    if (s->n_queued)
+        cancel_queued(s, layer);
     issue_deferred(s);
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
     sched_flush_loads(s);
     return MOERUN_OK;
@@ -200,7 +224,9 @@ int sched_experts_next(struct sched *s, uint32_t layer, int32_t *expert, const v
             break;
         }
     }
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
+    sched_flush_loads(s);
     return rc;
 }
 
@@ -222,6 +248,7 @@ void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert) {
         }
         issue_deferred(s); /* the freed slot takes the next waiting expert */
     }
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
     sched_flush_loads(s);
 }
@@ -248,12 +275,17 @@ void sched_predict(struct sched *s, uint32_t layer, const float *scores) {
         s->mark[best] = 1;
     }
     s->pred_pending[layer] = true;
-    /* prefetch, unless the layer computing still waits for slots */
+    /* the queued prefetches of this layer that the new top-k no longer names */
+    for (uint32_t e = 0; e < ne && s->n_queued; e++)
+        if (!s->mark[e] && s->st[first + e].state == SCHED_QUEUED)
+            sched_evict(s, first + e);
+    /* prefetch, unless the layer computing still waits for slots: queue the loads, most likely
+     * first; the pump starts them as the in-flight cap allows */
     if (s->p.prefetch && !has_deferred(s)) {
         for (uint32_t i = 0; i < k; i++) {
             uint32_t sec = first + (uint32_t)top[i];
             struct sec_state *t = &s->st[sec];
-            if (t->state == SCHED_RESIDENT || t->state == SCHED_LOADING)
+            if (t->state == SCHED_RESIDENT || t->state == SCHED_LOADING || t->state == SCHED_QUEUED)
                 continue;
             if (t->state == SCHED_FAILED && t->pins == 0)
                 sched_evict(s, sec);
@@ -262,12 +294,11 @@ void sched_predict(struct sched *s, uint32_t layer, const float *scores) {
             int32_t slot = expert_pick(s, layer);
             if (slot < 0)
                 break;
-            sched_start_load(s, sec, slot);
-            t->prefetched = 1;
+            sched_queue_prefetch(s, sec, slot);
             t->last_use = ++s->tick;
-            s->stats.prefetch_issued++;
         }
     }
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
     sched_flush_loads(s);
 }

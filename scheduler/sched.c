@@ -1,13 +1,11 @@
-/* Scheduler: layout of the region into slots, residency table, dense ring, completions,
- * statistics. The expert cache, its policies and prediction are in experts.c; the shared state
- * and the locking rules in sched_impl.h. */
+/* Scheduler: layout of the region into slots, dense ring, statistics, create/destroy. Starting
+ * loads, the prefetch queue and completions are in issue.c; the expert cache, its policies and
+ * prediction in experts.c; the shared state and the locking rules in sched_impl.h. */
 #include "sched_impl.h"
 
 #include "internal.h"
 
-#include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 /* ---- layout --------------------------------------------------------------------------------- */
 
@@ -80,122 +78,6 @@ static int check_args(const struct sched_params *p, const struct sched_section *
         }
     }
     return MOERUN_OK;
-}
-
-/* ---- residency helpers (mutex held) --------------------------------------------------------- */
-
-static bool sec_is_dense(const struct sched *s, uint32_t sec) {
-    return sec < s->p.n_layer;
-}
-
-void *sched_slot_ptr(const struct sched *s, uint32_t sec, int32_t slot) {
-    return sec_is_dense(s, sec) ? s->dbase + (uint64_t)slot * s->dslot_bytes
-                                : s->ebase + (uint64_t)slot * s->eslot_bytes;
-}
-
-static char *slot_msg(struct sched *s, uint32_t sec, int32_t slot) {
-    return (sec_is_dense(s, sec) ? s->dmsg : s->emsg) + (size_t)slot * SCHED_MSG;
-}
-
-static int32_t *slot_table(struct sched *s, uint32_t sec) {
-    return sec_is_dense(s, sec) ? s->dslot_sec : s->eslot_sec;
-}
-
-/* Drop a section that is not loading and not pinned from its slot. */
-void sched_evict(struct sched *s, uint32_t sec) {
-    struct sec_state *t = &s->st[sec];
-    if (t->slot >= 0)
-        slot_table(s, sec)[t->slot] = -1;
-    t->slot = -1;
-    t->state = SCHED_ABSENT;
-    t->prefetched = 0;
-}
-
-/* Put sec into slot (evicting what is there) and queue its load. */
-void sched_start_load(struct sched *s, uint32_t sec, int32_t slot) {
-    int32_t *table = slot_table(s, sec);
-    if (s->st[sec].slot >= 0 && s->st[sec].slot != slot)
-        sched_evict(s, sec); /* a failed load's leftover slot */
-    if (table[slot] >= 0 && (uint32_t)table[slot] != sec)
-        sched_evict(s, (uint32_t)table[slot]);
-    table[slot] = (int32_t)sec;
-    struct sec_state *t = &s->st[sec];
-    t->slot = slot;
-    t->state = SCHED_LOADING;
-    s->in_flight++;
-    s->issue[s->n_issue].sec = sec;
-    s->issue[s->n_issue].dst = sched_slot_ptr(s, sec, slot);
-    s->n_issue++;
-    const struct sched_section *c = &s->sections[sec];
-    for (uint32_t r = 0; r < c->n_ranges; r++)
-        s->stats.bytes_loaded += c->ranges[r].bytes;
-    s->stats.loads++;
-}
-
-/* Completion of sec's load (mutex held). */
-static void finish(struct sched *s, uint32_t sec, int status, const char *msg) {
-    struct sec_state *t = &s->st[sec];
-    if (t->state != SCHED_LOADING) {
-        mr_log_warn("sched: completion for layer %u expert %d that is not loading",
-                    s->sections[sec].layer, s->sections[sec].expert);
-        return;
-    }
-    s->in_flight--;
-    if (status == MOERUN_OK) {
-        t->state = SCHED_RESIDENT;
-    } else {
-        t->state = SCHED_FAILED;
-        snprintf(slot_msg(s, sec, t->slot), SCHED_MSG, "%s",
-                 msg && *msg ? msg : moerun_status_str(status));
-    }
-    pthread_cond_broadcast(&s->cv);
-}
-
-/* Report a failed load once and leave the section absent so a later call retries it. */
-int sched_take_failure(struct sched *s, uint32_t sec) {
-    char msg[SCHED_MSG];
-    memcpy(msg, slot_msg(s, sec, s->st[sec].slot), SCHED_MSG);
-    msg[SCHED_MSG - 1] = 0;
-    sched_evict(s, sec);
-    const struct sched_section *c = &s->sections[sec];
-    if (c->expert < 0)
-        return mr_err(MOERUN_ERR_IO, "sched: loading layer %u dense part: %s", c->layer, msg);
-    return mr_err(MOERUN_ERR_IO, "sched: loading layer %u expert %d: %s", c->layer, c->expert, msg);
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Wait for a completion, counting the time as stall. */
-void sched_wait_load(struct sched *s) {
-    uint64_t t0 = now_ns();
-    pthread_cond_wait(&s->cv, &s->mu);
-    s->stats.stall_ns += now_ns() - t0;
-}
-
-/* Start the queued loads: called by the compute thread with the mutex NOT held. */
-void sched_flush_loads(struct sched *s) {
-    for (uint32_t i = 0; i < s->n_issue; i++) {
-        uint32_t sec = s->issue[i].sec;
-        int rc = s->loader.load(s->loader.ctx, &s->sections[sec], s->issue[i].dst, sec);
-        if (rc != MOERUN_OK) {
-            const char *msg = moerun_errmsg();
-            pthread_mutex_lock(&s->mu);
-            finish(s, sec, rc, msg && *msg ? msg : "loader refused the request");
-            pthread_mutex_unlock(&s->mu);
-        }
-    }
-    s->n_issue = 0;
-}
-
-/* Drop the mutex, start the queued loads, take the mutex again. */
-void sched_flush_locked(struct sched *s) {
-    pthread_mutex_unlock(&s->mu);
-    sched_flush_loads(s);
-    pthread_mutex_lock(&s->mu);
 }
 
 /* ---- dense ring ----------------------------------------------------------------------------- */
@@ -291,6 +173,7 @@ int sched_dense_acquire(struct sched *s, uint32_t layer, const void **base) {
     }
     if (rc == MOERUN_OK && !filled)
         dense_fill(s, layer + 1, s->ahead);
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
     sched_flush_loads(s);
     return rc;
@@ -304,21 +187,9 @@ void sched_dense_release(struct sched *s, uint32_t layer) {
         s->st[layer].pins--;
     /* the released slot can take the layer after the ones already ahead */
     dense_fill(s, layer + 1, s->ring ? s->n_dslots : s->ahead);
+    sched_pump(s);
     pthread_mutex_unlock(&s->mu);
     sched_flush_loads(s);
-}
-
-/* ---- completion ----------------------------------------------------------------------------- */
-
-void sched_load_done(struct sched *s, uint64_t tag, int status, const char *msg) {
-    if (!s)
-        return;
-    pthread_mutex_lock(&s->mu);
-    if (tag >= s->n_sections)
-        mr_log_warn("sched: completion with unknown tag %llu", (unsigned long long)tag);
-    else
-        finish(s, (uint32_t)tag, status, msg);
-    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---- statistics and introspection ----------------------------------------------------------- */
@@ -437,6 +308,7 @@ int sched_create(const struct sched_params *p, const struct sched_section *secti
     s->dbase = p->region;
     s->ebase = s->dbase + n_dslots * d;
     s->ahead = ring ? s->n_dslots - 1 : MR_MIN(MR_MAX(p->ring_ahead, 1u), p->n_layer - 1);
+    s->pf_cap = p->prefetch_in_flight ? p->prefetch_in_flight : MR_MAX(p->n_expert_used, 1u);
     const uint32_t ne = p->n_expert ? p->n_expert : 1;
     s->sections = mr_alloc(NULL, (size_t)n_sections * sizeof(*sections), 0);
     s->st = mr_calloc(NULL, n_sections, sizeof(*s->st));
@@ -486,7 +358,8 @@ void sched_destroy(struct sched *s) {
     if (!s)
         return;
     pthread_mutex_lock(&s->mu);
-    while (s->in_flight)
+    s->closing = true; /* queued prefetches stay queued */
+    while (s->in_flight || s->issuers)
         pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     pthread_cond_destroy(&s->cv);

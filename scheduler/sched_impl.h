@@ -1,12 +1,20 @@
-/* Scheduler internals shared by its files (sched.c: layout, residency, dense ring, completion,
- * statistics; experts.c: expert cache, policies, prediction). Not for other modules.
+/* Scheduler internals shared by its files (sched.c: layout, residency, dense ring, statistics;
+ * issue.c: starting loads, the prefetch queue, completions; experts.c: expert cache, policies,
+ * prediction). Not for other modules.
  *
  * Locking: one mutex and one condition variable guard all the state. The compute thread decides
  * loads under the mutex (marks the sections loading, records them in s->issue), then drops the
  * mutex and calls loader.load() for each (sched_flush_loads), so a loader may call
- * sched_load_done() synchronously from inside load(). The issue list is touched by the compute
- * thread only. sched_load_done() only moves a section from loading to resident or failed and
- * broadcasts. */
+ * sched_load_done() synchronously from inside load(). s->issue is touched by the compute
+ * thread only.
+ *
+ * Prefetch queue: a predicted expert gets a slot and state QUEUED; sched_pump() hands the
+ * oldest queued ones to the loader while fewer than pf_cap prefetch loads are in flight. It
+ * runs at the end of every compute-thread entry point (into s->issue) and in sched_load_done
+ * (into a buffer on the completion thread's stack, started with the mutex dropped; s->issuers
+ * counts such threads so sched_destroy waits for them). A completion delivered from inside a
+ * load() this thread is making (a synchronous loader) does not pump: the thread making the
+ * load() calls pumps once they return. */
 #ifndef MOERUN_SCHED_IMPL_H
 #define MOERUN_SCHED_IMPL_H
 
@@ -24,6 +32,8 @@ struct sec_state {
     uint32_t pins;      /* acquired / requested and not released */
     uint8_t state;      /* enum sched_state */
     uint8_t prefetched; /* loaded from a prediction and not needed since */
+    uint8_t pf_loading; /* its load in flight was started as a prefetch (counts in pf_in_flight) */
+    uint64_t qorder;    /* QUEUED: order of queueing (oldest starts first) */
 };
 
 struct req_entry {
@@ -68,7 +78,13 @@ struct sched {
     uint32_t n_issue;
 
     uint64_t tick;
-    uint32_t in_flight;
+    uint32_t in_flight;    /* loads handed (or being handed) to the loader, not completed */
+    uint32_t pf_cap;       /* prefetch loads in flight at most */
+    uint32_t pf_in_flight; /* of in_flight, started as prefetches */
+    uint32_t n_queued;     /* sections QUEUED */
+    uint64_t qtick;
+    uint32_t issuers; /* completion threads starting loads with the mutex dropped */
+    bool closing;     /* sched_destroy: start nothing more */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct sched_stats stats;
@@ -76,11 +92,15 @@ struct sched {
 
 /* Helpers (mutex held unless said otherwise). */
 void *sched_slot_ptr(const struct sched *s, uint32_t sec, int32_t slot);
-void sched_evict(struct sched *s, uint32_t sec);                    /* not loading, not pinned */
-void sched_start_load(struct sched *s, uint32_t sec, int32_t slot); /* queue it */
-int sched_take_failure(struct sched *s, uint32_t sec);              /* report once, leave absent */
-void sched_wait_load(struct sched *s);                              /* counts stall time */
-void sched_flush_loads(struct sched *s);                            /* mutex NOT held */
-void sched_flush_locked(struct sched *s);                           /* drop, start, retake */
+void sched_evict(struct sched *s, uint32_t sec); /* not loading, not pinned (QUEUED: cancels) */
+void sched_place(struct sched *s, uint32_t sec, int32_t slot);          /* into slot, evicting */
+void sched_start_load(struct sched *s, uint32_t sec, int32_t slot);     /* place, issue now */
+void sched_queue_prefetch(struct sched *s, uint32_t sec, int32_t slot); /* place, QUEUED */
+void sched_promote(struct sched *s, uint32_t sec);     /* QUEUED -> a demand load issued now */
+void sched_pump(struct sched *s);                      /* start queued prefetches into s->issue */
+int sched_take_failure(struct sched *s, uint32_t sec); /* report once, leave absent */
+void sched_wait_load(struct sched *s);                 /* counts stall time */
+void sched_flush_loads(struct sched *s);               /* mutex NOT held */
+void sched_flush_locked(struct sched *s);              /* drop, start, retake */
 
 #endif /* MOERUN_SCHED_IMPL_H */

@@ -9,7 +9,11 @@
  *     ahead of its use (SE-MoE's ring memory);
  *   - expert slots: a cache with a selectable eviction policy (LRU, LFU, predicted use).
  * Prefetch: the forward pass tells the scheduler which experts it predicts a later layer will
- * choose; the scheduler starts loading those that are not resident into slots it can free.
+ * choose; the scheduler reserves slots for those that are not resident and queues their loads.
+ * At most prefetch_in_flight prefetch loads are with the loader at once; the rest wait QUEUED
+ * (oldest started first) and can still be cancelled: by the request of their layer when it
+ * does not need them, by a newer prediction for their layer that no longer names them, or
+ * when the execution has passed their layer. Demand loads are never capped or queued.
  *
  * The scheduler does no I/O itself: it drives a loader through struct sched_loader (the NVMe
  * tier in the engine, a fake in the tests) and learns of completions through sched_load_done,
@@ -69,9 +73,11 @@ struct sched_params {
     void *region;           /* host tier memory the slots are carved from */
     uint64_t region_bytes;
     enum sched_policy policy;
-    bool prefetch;       /* act on predictions */
-    uint32_t ring_ahead; /* dense parts loaded ahead of the one computing; 0 = 1 (a ring
-                            of 2 slots when they do not all fit; capped by the budget) */
+    bool prefetch;               /* act on predictions */
+    uint32_t ring_ahead;         /* dense parts loaded ahead of the one computing; 0 = 1 (a ring
+                                    of 2 slots when they do not all fit; capped by the budget) */
+    uint32_t prefetch_in_flight; /* prefetch loads with the loader at once, at most (the rest
+                                    are queued); 0 = n_expert_used */
 };
 
 /* The least region_bytes that runs: 2 dense slots when the dense parts do not all fit (or all
@@ -114,8 +120,10 @@ int sched_dense_acquire(struct sched *s, uint32_t layer, const void **base);
 void sched_dense_release(struct sched *s, uint32_t layer);
 
 /* The experts layer l needs now (the union over the batch's tokens), n <= n_expert: start the
- * loads of those not resident, as slots allow, most needed first. A request ends the previous
- * one (its experts not yet released are released). Returns MOERUN_OK or
+ * loads of those not resident, as slots allow, most needed first (a queued prefetch of one of
+ * them is started now and counts as a miss). Queued prefetches of layer l that are not in the
+ * set, and those of layers not among the next n_layer / 2 after l (passed), are cancelled.
+ * A request ends the previous one (its experts not yet released are released). Returns MOERUN_OK or
  * MOERUN_ERR_INVALID_ARG (layer or expert out of range, duplicates). */
 int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *experts, uint32_t n);
 
@@ -129,13 +137,21 @@ int sched_experts_next(struct sched *s, uint32_t layer, int32_t *expert, const v
 void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert);
 
 /* Prediction for a later layer: scores (probabilities) of its n_expert experts. With prefetch
- * on, the top n_expert_used not resident are loaded into slots whose experts are not needed
- * now; predictions are also what precision/recall are measured on. */
+ * on, the top n_expert_used not resident get slots whose experts are not needed now and their
+ * loads are queued (started up to prefetch_in_flight at once, oldest first); queued loads of
+ * this layer's previous prediction that the new top n_expert_used no longer names are
+ * cancelled. Predictions are also what precision/recall are measured on. */
 void sched_predict(struct sched *s, uint32_t layer, const float *scores);
 
 /* --- introspection (tests, tools) ----------------------------------------------------------- */
 
-enum sched_state { SCHED_ABSENT, SCHED_LOADING, SCHED_RESIDENT, SCHED_FAILED };
+enum sched_state {
+    SCHED_ABSENT,
+    SCHED_LOADING,
+    SCHED_RESIDENT,
+    SCHED_FAILED,
+    SCHED_QUEUED, /* a prefetch: slot reserved, not yet handed to the loader */
+};
 
 struct sched_layout {
     bool ring;              /* dense parts flow through a ring (else each has its slot) */
@@ -156,14 +172,15 @@ struct sched_stats {
     uint64_t expert_hits;   /* needed expert already resident (or loading from a prefetch) */
     uint64_t expert_misses; /* needed expert not resident: loaded on demand */
     uint64_t dense_hits, dense_misses;
-    uint64_t prefetch_issued;   /* expert loads started from predictions */
-    uint64_t prefetch_used;     /* of those, experts needed before their eviction */
-    uint64_t predicted;         /* predicted experts (top-k of each prediction) */
-    uint64_t predicted_correct; /* of those, in the set the layer then needed */
-    uint64_t needed;            /* experts needed by layers that had a prediction */
-    uint64_t stall_ns;          /* time the compute thread waited for loads */
-    uint64_t *layer_hits;       /* [n_layer] expert hits per layer, owned by the scheduler */
-    uint64_t *layer_misses;     /* [n_layer] expert misses per layer */
+    uint64_t prefetch_issued;    /* expert loads started (handed to the loader) from predictions */
+    uint64_t prefetch_used;      /* of those, experts needed before their eviction */
+    uint64_t predicted;          /* predicted experts (top-k of each prediction) */
+    uint64_t predicted_correct;  /* of those, in the set the layer then needed */
+    uint64_t needed;             /* experts needed by layers that had a prediction */
+    uint64_t stall_ns;           /* time the compute thread waited for loads */
+    uint64_t prefetch_cancelled; /* queued prefetches dropped before their load started */
+    uint64_t *layer_hits;        /* [n_layer] expert hits per layer, owned by the scheduler */
+    uint64_t *layer_misses;      /* [n_layer] expert misses per layer */
 };
 
 /* A snapshot (the per-layer arrays point into the scheduler; valid until it is destroyed). */

@@ -1,7 +1,9 @@
 /* Scheduler against a fake model file and a fake loader: slot layout and the minimum budget,
  * dense parts resident or flowing through the ring in execution order, every eviction policy
- * on scripted requests, prefetch and precision/recall, batches larger than the cache, injected
- * load failures, statistics, and a randomized stress run with a threaded loader. Every section
+ * on scripted requests, prefetch and precision/recall, the prefetch queue (in-flight cap,
+ * cancellation, promotion) with a loader that holds loads until released, batches larger than
+ * the cache, injected load failures, statistics, and a randomized stress run with a threaded
+ * loader. Every section
  * handed out is compared with the fake file's bytes. Fresh random data each run
  * (MOERUN_TEST_SEED replays a run). */
 #include "testutil.h"
@@ -113,7 +115,8 @@ static bool section_ok(const struct model *m, uint32_t sec, const void *base) {
     return true;
 }
 
-/* ---- fake loader: synchronous inside load(), or its own thread with delays ------------------- */
+/* ---- fake loader: synchronous inside load(), its own thread with delays, or holding loads
+ * until the test releases them ---------------------------------------------------------------- */
 
 #define LOG_MAX   8192
 #define QUEUE_MAX 4096
@@ -129,6 +132,7 @@ struct fake {
     const struct model *m;
     struct sched *s;
     bool threaded;
+    bool hold;          /* loads wait in q until fake_release (on the caller's thread) */
     bool fail_return;   /* sync: an injected failure is load()'s return, not a callback */
     int64_t fail_nth;   /* this load (counting from 0) fails; -1 none */
     uint32_t delay_max; /* threaded: microseconds */
@@ -174,7 +178,7 @@ static int fake_load(void *ctx, const struct sched_section *sec, void *dst, uint
         if (f->forbid[i] == dst)
             f->violated = true;
     struct job j = {sec, dst, tag, (int64_t)idx == f->fail_nth};
-    if (f->threaded) {
+    if (f->threaded || f->hold) {
         if (f->q_n == QUEUE_MAX)
             f->violated = true; /* more loads in flight than slots: cannot happen */
         else
@@ -244,6 +248,46 @@ static void fake_fail(struct fake *f, int64_t nth, bool ret) {
     pthread_mutex_unlock(&f->mu);
 }
 
+/* Complete the oldest n held loads (fewer when fewer are held); returns how many. */
+static uint32_t fake_release(struct fake *f, uint32_t n) {
+    uint32_t done = 0;
+    for (; done < n; done++) {
+        pthread_mutex_lock(&f->mu);
+        if (!f->q_n) {
+            pthread_mutex_unlock(&f->mu);
+            break;
+        }
+        struct job j = f->q[f->q_head];
+        f->q_head = (f->q_head + 1) % QUEUE_MAX;
+        f->q_n--;
+        pthread_mutex_unlock(&f->mu);
+        fake_finish(f, &j); /* may start queued prefetches: more held loads */
+    }
+    return done;
+}
+
+static void fake_drain(struct fake *f) {
+    while (fake_release(f, 1))
+        ;
+}
+
+static uint32_t fake_held(struct fake *f) {
+    pthread_mutex_lock(&f->mu);
+    uint32_t n = f->q_n;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+/* the loader was ever asked for sec */
+static bool fake_saw(struct fake *f, uint32_t sec) {
+    pthread_mutex_lock(&f->mu);
+    bool seen = false;
+    for (uint64_t i = 0; i < f->loads && i < LOG_MAX; i++)
+        seen |= f->log_sec[i] == sec;
+    pthread_mutex_unlock(&f->mu);
+    return seen;
+}
+
 static uint64_t fake_loads(struct fake *f) {
     pthread_mutex_lock(&f->mu);
     uint64_t n = f->loads;
@@ -271,7 +315,9 @@ struct env_opts {
     bool prefetch;
     uint32_t ring_ahead;
     bool threaded;
+    bool hold;
     uint32_t delay_max;
+    uint32_t prefetch_in_flight;
 };
 
 static void env_open(struct env *v, const struct env_opts *o) {
@@ -280,6 +326,7 @@ static void env_open(struct env *v, const struct env_opts *o) {
     v->f = malloc(sizeof(*v->f));
     assert_non_null(v->f);
     fake_init(v->f, &v->m, o->threaded, o->delay_max);
+    v->f->hold = o->hold;
     v->region_bytes = o->n_dense * v->m.dslot + o->n_eslots * v->m.eslot + o->extra;
     v->region = aligned_alloc(SCHED_ALIGN, align_up(v->region_bytes));
     assert_non_null(v->region);
@@ -293,6 +340,7 @@ static void env_open(struct env *v, const struct env_opts *o) {
         .policy = o->policy,
         .prefetch = o->prefetch,
         .ring_ahead = o->ring_ahead,
+        .prefetch_in_flight = o->prefetch_in_flight,
     };
     struct sched_loader ld = {fake_load, v->f};
     assert_int_equal(sched_create(&p, v->m.secs, v->m.n_sections, ld, &v->s), MOERUN_OK);
@@ -300,6 +348,10 @@ static void env_open(struct env *v, const struct env_opts *o) {
 }
 
 static void env_close(struct env *v) {
+    if (v->f->hold) { /* sched_destroy waits for the loads in flight */
+        v->f->hold = false;
+        fake_drain(v->f);
+    }
     sched_destroy(v->s);
     fake_stop(v->f);
     assert_false(v->f->violated);
@@ -327,10 +379,9 @@ static void dense_done(struct env *v, uint32_t l) {
     sched_dense_release(v->s, l);
 }
 
-/* Request the set, take every expert (checking its bytes, each exactly once), release each. */
-static void experts_use(struct env *v, uint32_t l, const int32_t *set, uint32_t n) {
-    assert_int_equal(sched_experts_request(v->s, l, set, n), MOERUN_OK);
-    v->requested += n;
+/* Take every expert of the current request of set (checking its bytes, each exactly once),
+ * release each. */
+static void handout(struct env *v, uint32_t l, const int32_t *set, uint32_t n) {
     bool seen[64] = {0};
     uint32_t got = 0;
     for (;;) {
@@ -351,6 +402,13 @@ static void experts_use(struct env *v, uint32_t l, const int32_t *set, uint32_t 
         got++;
     }
     assert_int_equal(got, n);
+}
+
+/* Request the set, take every expert, release each. */
+static void experts_use(struct env *v, uint32_t l, const int32_t *set, uint32_t n) {
+    assert_int_equal(sched_experts_request(v->s, l, set, n), MOERUN_OK);
+    v->requested += n;
+    handout(v, l, set, n);
 }
 
 static void use1(struct env *v, uint32_t l, int32_t e) {
@@ -932,6 +990,244 @@ static void test_prefetch_threaded(void **state) {
     env_close(&v);
 }
 
+/* ---- the prefetch queue: in-flight cap, cancellation, promotion ---------------------------------
+ */
+
+static enum sched_state state_of(struct env *v, uint32_t l, int32_t e) {
+    return sched_section_state(v->s, l, e);
+}
+
+static uint32_t count_state(struct env *v, uint32_t l, const int32_t *set, uint32_t n,
+                            enum sched_state want) {
+    uint32_t c = 0;
+    for (uint32_t i = 0; i < n; i++)
+        c += state_of(v, l, set[i]) == want;
+    return c;
+}
+
+/* Cap 1 with a loader that holds loads: the predicted experts beyond the cap are queued, a
+ * completion starts the oldest, the layer's request promotes the queued ones it needs and
+ * cancels the rest, a newer prediction cancels what it no longer names. */
+static void test_prefetch_queue(void **state) {
+    (void)state;
+    struct env v;
+    struct env_opts o = {.n_layer = 4,
+                         .n_expert = 16,
+                         .k = 4,
+                         .n_dense = 4,
+                         .n_eslots = 16,
+                         .prefetch = true,
+                         .prefetch_in_flight = 1,
+                         .hold = true};
+    env_open(&v, &o);
+    float sc[16];
+    struct sched_stats st;
+    int32_t pick[12];
+    random_set(16, 12, pick);
+    const int32_t *top = pick; /* layer 1's prediction, most likely first */
+    scores_top(16, top, 4, sc);
+    sched_predict(v.s, 1, sc);
+    assert_int_equal(fake_loads(v.f), 1);
+    assert_true(fake_saw(v.f, sec_of(&v.m, 1, top[0])));
+    assert_int_equal(state_of(&v, 1, top[0]), SCHED_LOADING);
+    assert_int_equal(count_state(&v, 1, top + 1, 3, SCHED_QUEUED), 3);
+    sched_get_stats(v.s, &st);
+    assert_true(st.prefetch_issued == 1 && st.prefetch_cancelled == 0);
+
+    /* a completion starts the oldest queued one: still one in flight */
+    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(state_of(&v, 1, top[0]), SCHED_RESIDENT);
+    assert_int_equal(state_of(&v, 1, top[1]), SCHED_LOADING);
+    assert_int_equal(count_state(&v, 1, top + 2, 2, SCHED_QUEUED), 2);
+    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fake_held(v.f), 1);
+
+    /* the request needs top[1] (loading: a hit), top[2] (queued: promoted, a miss) and pick[4]
+     * (absent: a miss); top[3] is cancelled; demand loads start though the cap is reached */
+    int32_t need[3] = {top[2], pick[4], top[1]};
+    assert_int_equal(sched_experts_request(v.s, 1, need, 3), MOERUN_OK);
+    v.requested += 3;
+    assert_int_equal(fake_loads(v.f), 4);
+    assert_true(fake_saw(v.f, sec_of(&v.m, 1, top[2])));
+    assert_true(fake_saw(v.f, sec_of(&v.m, 1, pick[4])));
+    assert_int_equal(state_of(&v, 1, top[3]), SCHED_ABSENT);
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 1);
+    assert_int_equal(st.prefetch_issued, 2);
+    assert_true(st.expert_hits == 1 && st.expert_misses == 2 && st.layer_misses[1] == 2);
+    fake_drain(v.f);
+    handout(&v, 1, need, 3);
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_used, 1);
+    assert_false(fake_saw(v.f, sec_of(&v.m, 1, top[3])));
+    check_stats(&v);
+
+    /* a newer prediction for layer 2 cancels the queued experts it no longer names */
+    const int32_t *p2 = pick + 5;
+    scores_top(16, p2, 4, sc);
+    sched_predict(v.s, 2, sc);
+    assert_int_equal(fake_loads(v.f), 5);
+    assert_int_equal(count_state(&v, 2, p2 + 1, 3, SCHED_QUEUED), 3);
+    int32_t p2b[4] = {p2[1], pick[9], p2[0], pick[10]};
+    scores_top(16, p2b, 4, sc);
+    sched_predict(v.s, 2, sc);
+    assert_int_equal(count_state(&v, 2, p2 + 2, 2, SCHED_ABSENT), 2);
+    assert_int_equal(state_of(&v, 2, p2[0]), SCHED_LOADING); /* handed out: not cancelled */
+    assert_int_equal(count_state(&v, 2, p2b, 2, SCHED_QUEUED), 2);
+    assert_int_equal(state_of(&v, 2, pick[10]), SCHED_QUEUED);
+    assert_int_equal(fake_loads(v.f), 5);
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 3);
+    /* oldest first: p2[1] was queued before the new ones */
+    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(state_of(&v, 2, p2[1]), SCHED_LOADING);
+    assert_int_equal(count_state(&v, 2, p2b + 1, 1, SCHED_QUEUED), 1);
+    assert_int_equal(fake_loads(v.f), 6);
+    fake_drain(v.f);
+    assert_int_equal(count_state(&v, 2, p2b, 4, SCHED_RESIDENT), 4);
+    assert_false(fake_saw(v.f, sec_of(&v.m, 2, p2[2])));
+    assert_false(fake_saw(v.f, sec_of(&v.m, 2, p2[3])));
+    experts_use(&v, 2, p2b, 4);
+    sched_get_stats(v.s, &st);
+    assert_true(st.prefetch_issued == 6 && st.prefetch_used == 5 && st.prefetch_cancelled == 3);
+    check_stats(&v);
+    env_close(&v);
+
+    /* a synchronous loader completes inside load(): the queued ones still all start */
+    o.hold = false;
+    env_open(&v, &o);
+    scores_top(16, top, 4, sc);
+    sched_predict(v.s, 1, sc);
+    assert_int_equal(count_state(&v, 1, top, 4, SCHED_RESIDENT), 4);
+    assert_int_equal(fake_loads(v.f), 4);
+    experts_use(&v, 1, top, 4);
+    sched_get_stats(v.s, &st);
+    assert_true(st.prefetch_issued == 4 && st.prefetch_used == 4 && st.prefetch_cancelled == 0);
+    check_stats(&v);
+    env_close(&v);
+
+    /* a threaded loader: completions on its thread start the queued ones */
+    o.threaded = true;
+    o.delay_max = 300;
+    env_open(&v, &o);
+    sched_predict(v.s, 1, sc);
+    for (int spin = 0; spin < 20000 && count_state(&v, 1, top, 4, SCHED_RESIDENT) < 4; spin++) {
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(count_state(&v, 1, top, 4, SCHED_RESIDENT), 4);
+    experts_use(&v, 1, top, 4);
+    check_stats(&v);
+    env_close(&v);
+}
+
+/* Queued prefetches of layers the execution has passed are cancelled (wrap-around aware);
+ * those of the next layers stay and start one at a time. */
+static void test_prefetch_passed(void **state) {
+    (void)state;
+    struct env v;
+    struct env_opts o = {.n_layer = 4,
+                         .n_expert = 8,
+                         .k = 4,
+                         .n_dense = 4,
+                         .n_eslots = 16,
+                         .prefetch = true,
+                         .prefetch_in_flight = 1,
+                         .hold = true};
+    env_open(&v, &o);
+    float sc[8];
+    struct sched_stats st;
+    int32_t a[4], b[4];
+    random_set(8, 4, a);
+    random_set(8, 4, b);
+    scores_top(8, a, 4, sc);
+    sched_predict(v.s, 1, sc);
+    scores_top(8, b, 4, sc);
+    sched_predict(v.s, 3, sc);
+    assert_int_equal(count_state(&v, 1, a + 1, 3, SCHED_QUEUED), 3);
+    assert_int_equal(count_state(&v, 3, b, 4, SCHED_QUEUED), 4);
+    /* layer 2 runs: layer 1 is passed (3 ahead, more than n_layer / 2), layer 3 is next */
+    int32_t y = (int32_t)rnd(8);
+    assert_int_equal(sched_experts_request(v.s, 2, &y, 1), MOERUN_OK);
+    v.requested++;
+    assert_int_equal(count_state(&v, 1, a + 1, 3, SCHED_ABSENT), 3);
+    assert_int_equal(state_of(&v, 1, a[0]), SCHED_LOADING);
+    assert_int_equal(count_state(&v, 3, b, 4, SCHED_QUEUED), 4);
+    assert_int_equal(fake_loads(v.f), 2); /* a[0] and the demand load */
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 3);
+    /* completions start layer 3's, never more than one prefetch in flight */
+    for (int i = 0; i < 8 && fake_held(v.f); i++) {
+        fake_release(v.f, 1);
+        assert_true(count_state(&v, 3, b, 4, SCHED_LOADING) <= 1);
+    }
+    fake_drain(v.f);
+    assert_int_equal(count_state(&v, 3, b, 4, SCHED_RESIDENT), 4);
+    for (int i = 1; i < 4; i++)
+        assert_false(fake_saw(v.f, sec_of(&v.m, 1, a[i])));
+    handout(&v, 2, &y, 1);
+
+    /* wrap-around: layer 0 follows layer 3 */
+    scores_top(8, a, 4, sc);
+    sched_predict(v.s, 0, sc);
+    assert_int_equal(count_state(&v, 0, a + 1, 3, SCHED_QUEUED), 3);
+    experts_use(&v, 3, b, 4); /* resident: no load, layer 0 is next */
+    assert_int_equal(count_state(&v, 0, a + 1, 3, SCHED_QUEUED), 3);
+    experts_use(&v, 2, &y, 1); /* layer 0 is 2 ahead: kept */
+    assert_int_equal(count_state(&v, 0, a + 1, 3, SCHED_QUEUED), 3);
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 3);
+    int32_t z = a[0];
+    assert_int_equal(sched_experts_request(v.s, 1, &z, 1), MOERUN_OK); /* 3 ahead: passed */
+    v.requested++;
+    assert_int_equal(count_state(&v, 0, a + 1, 3, SCHED_ABSENT), 3);
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 6);
+    fake_drain(v.f);
+    handout(&v, 1, &z, 1);
+    check_stats(&v);
+    env_close(&v);
+}
+
+/* A demand load never waits for a queued prefetch: it takes a queued one's slot if it must. */
+static void test_prefetch_demand_first(void **state) {
+    (void)state;
+    for (int pol = 0; pol < 3; pol++) {
+        struct env v;
+        struct env_opts o = {.n_layer = 2,
+                             .n_expert = 8,
+                             .k = 2,
+                             .n_dense = 2,
+                             .n_eslots = 3,
+                             .policy = (enum sched_policy)pol,
+                             .prefetch = true,
+                             .prefetch_in_flight = 1,
+                             .hold = true};
+        env_open(&v, &o);
+        float sc[8];
+        int32_t pick[4];
+        random_set(8, 4, pick);
+        scores_top(8, pick, 2, sc);
+        sched_predict(v.s, 1, sc); /* pick[0] loading, pick[1] queued, one slot free */
+        assert_int_equal(state_of(&v, 1, pick[1]), SCHED_QUEUED);
+        int32_t need[2] = {pick[2], pick[3]};
+        assert_int_equal(sched_experts_request(v.s, 0, need, 2), MOERUN_OK);
+        v.requested += 2;
+        assert_int_equal(fake_loads(v.f), 3); /* both demand loads started at once */
+        assert_true(fake_saw(v.f, sec_of(&v.m, 0, pick[2])));
+        assert_true(fake_saw(v.f, sec_of(&v.m, 0, pick[3])));
+        assert_int_equal(state_of(&v, 1, pick[1]), SCHED_ABSENT);
+        struct sched_stats st;
+        sched_get_stats(v.s, &st);
+        assert_int_equal(st.prefetch_cancelled, 1);
+        fake_drain(v.f);
+        handout(&v, 0, need, 2);
+        assert_false(fake_saw(v.f, sec_of(&v.m, 1, pick[1])));
+        check_stats(&v);
+        env_close(&v);
+    }
+}
+
 /* A request of more experts than slots completes, each handed out once. */
 static void test_batches(void **state) {
     (void)state;
@@ -1123,6 +1419,7 @@ static void test_stress(void **state) {
         o.policy = (enum sched_policy)(run % 3);
         o.prefetch = (run / 3) % 2 == 0;
         o.ring_ahead = rnd(4);
+        o.prefetch_in_flight = rnd(3); /* 0: k */
         o.threaded = true;
         o.delay_max = 1 + rnd(300);
         o.extra = rnd(SCHED_ALIGN); /* expert slots are one page */
@@ -1150,6 +1447,13 @@ static void test_stress(void **state) {
                     random_set(o.n_expert, o.k, top);
                     scores_top(o.n_expert, top, o.k, sc);
                     sched_predict(v.s, next_l, sc);
+                }
+                if (rnd(3) == 0) { /* further ahead, sometimes superseded, sometimes passed */
+                    float sc[64];
+                    int32_t top[4];
+                    random_set(o.n_expert, o.k, top);
+                    scores_top(o.n_expert, top, o.k, sc);
+                    sched_predict(v.s, (l + 1 + rnd(o.n_layer)) % o.n_layer, sc);
                 }
                 assert_int_equal(sched_experts_request(v.s, l, set, n), MOERUN_OK);
                 v.requested += n;
@@ -1191,6 +1495,9 @@ int main(void) {
         cmocka_unit_test(test_policy_min_slots),
         cmocka_unit_test(test_prefetch),
         cmocka_unit_test(test_prefetch_threaded),
+        cmocka_unit_test(test_prefetch_queue),
+        cmocka_unit_test(test_prefetch_passed),
+        cmocka_unit_test(test_prefetch_demand_first),
         cmocka_unit_test(test_batches),
         cmocka_unit_test(test_failure),
         cmocka_unit_test(test_stress),

@@ -731,7 +731,7 @@ static void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t
                 "\"direct_io\":%s,\"prompt_bytes_read\":%llu,\"bytes_read\":%llu,"
                 "\"bytes_per_token\":%.0f,\"expert_hits\":%llu,\"expert_misses\":%llu,"
                 "\"hit_rate\":%.4f,\"dense_hits\":%llu,\"dense_misses\":%llu,"
-                "\"prefetch_issued\":%llu,\"prefetch_used\":%llu,"
+                "\"prefetch_issued\":%llu,\"prefetch_used\":%llu,\"prefetch_cancelled\":%llu,"
                 "\"prediction_precision\":%.4f,\"prediction_recall\":%.4f,\"stall_ms\":%.3f,"
                 "\"read_busy_ms\":%.3f,\"read_gbps\":%.3f,\"layer_hits\":[",
                 (unsigned long long)st->host_bytes, st->slots_dense, st->slots_expert,
@@ -740,8 +740,8 @@ static void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t
                 (unsigned long long)st->expert_hits, (unsigned long long)st->expert_misses, hit,
                 (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
                 (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
-                st->prediction_precision, st->prediction_recall, st->stall_ns / 1e6, busy_ms,
-                st->read_gbps);
+                (unsigned long long)st->prefetch_cancelled, st->prediction_precision,
+                st->prediction_recall, st->stall_ns / 1e6, busy_ms, st->read_gbps);
         for (uint32_t l = 0; l < st->n_layer; l++)
             fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_hits[l]);
         fprintf(f, "],\"layer_misses\":[");
@@ -756,8 +756,8 @@ static void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t
             "GB/s while reading (%.0f ms busy of %.0f ms)\n"
             "moe-run: experts: %llu hits, %llu misses (hit rate %.1f%%); dense %llu hits, %llu "
             "misses\n"
-            "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu; "
-            "stalled %.1f ms\n",
+            "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu, "
+            "cancelled %llu; stalled %.1f ms\n",
             st->host_bytes / 1048576.0, st->slots_dense, st->slots_expert,
             st->direct_io ? "on" : "off", prompt_bytes / 1048576.0, st->nvme_bytes_read / 1048576.0,
             per_tok / 1048576.0, st->read_gbps, busy_ms, gen_ms,
@@ -765,7 +765,7 @@ static void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t
             (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
             100.0 * st->prediction_precision, 100.0 * st->prediction_recall,
             (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
-            st->stall_ns / 1e6);
+            (unsigned long long)st->prefetch_cancelled, st->stall_ns / 1e6);
     fprintf(f, "moe-run: per layer hits/misses:");
     for (uint32_t l = 0; l < st->n_layer; l++)
         fprintf(f, " %llu/%llu", (unsigned long long)st->layer_hits[l],

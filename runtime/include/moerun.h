@@ -346,6 +346,7 @@ typedef struct moerun_stats {
     uint64_t dense_hits, dense_misses;
     uint64_t prefetch_issued;     /* expert loads started from predictions */
     uint64_t prefetch_used;       /* of those, used before eviction */
+    uint64_t prefetch_cancelled;  /* predicted loads dropped before they started (queued) */
     double prediction_precision;  /* predicted experts that were then chosen / predicted */
     double prediction_recall;     /* chosen experts that had been predicted / chosen */
     uint64_t stall_ns;            /* time compute waited for weights */
