@@ -508,71 +508,23 @@ int tok_pre_from_name(const char *name, enum tok_pre *pre, bool *ignore_merges, 
  * BPE merges over one byte-encoded word.
  * ------------------------------------------------------------------------------------------- */
 
-struct sym {
-    uint32_t start; /* offset in the encoded text */
-    uint32_t n;     /* bytes; 0 = merged away */
-    int32_t prev, next;
-};
-
-struct bigram {
-    int32_t rank;
-    int32_t left, right;
-    uint32_t size;
-};
-
-/* min-heap: lowest rank first, then leftmost */
-static bool bg_before(const struct bigram *x, const struct bigram *y) {
-    return x->rank < y->rank || (x->rank == y->rank && x->left < y->left);
-}
-
-static void heap_push(struct bigram *h, size_t *n, struct bigram b) {
-    size_t i = (*n)++;
-    while (i > 0) {
-        size_t p = (i - 1) / 2;
-        if (!bg_before(&b, &h[p]))
-            break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = b;
-}
-
-static struct bigram heap_pop(struct bigram *h, size_t *n) {
-    struct bigram top = h[0], last = h[--(*n)];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= *n)
-            break;
-        if (c + 1 < *n && bg_before(&h[c + 1], &h[c]))
-            c++;
-        if (!bg_before(&h[c], &last))
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    if (*n > 0)
-        h[i] = last;
-    return top;
-}
-
 struct bpe_work {
     const struct mr_vocab *v;
     const char *enc;
-    struct sym *sym;
-    struct bigram *heap;
+    struct tok_sym *sym;
+    struct tok_bigram *heap;
     size_t n_heap;
 };
 
 static void add_bigram(struct bpe_work *w, int32_t left, int32_t right) {
     if (left < 0 || right < 0)
         return;
-    const struct sym *l = &w->sym[left], *r = &w->sym[right];
+    const struct tok_sym *l = &w->sym[left], *r = &w->sym[right];
     int32_t rank = vocab_merge_rank(w->v, w->enc + l->start, l->n, w->enc + r->start, r->n);
     if (rank < 0)
         return;
-    struct bigram b = {rank, left, right, l->n + r->n};
-    heap_push(w->heap, &w->n_heap, b);
+    struct tok_bigram b = {-(double)rank, left, right, l->n + r->n}; /* lowest rank first */
+    tok_heap_push(w->heap, &w->n_heap, b);
 }
 
 static int bpe_word(struct bpe_work *w, uint32_t start, uint32_t nbytes, struct tok_out *out) {
@@ -588,7 +540,7 @@ static int bpe_word(struct bpe_work *w, uint32_t start, uint32_t nbytes, struct 
         uint32_t clen = (uint32_t)unicode_len_utf8((unsigned char)word[off]);
         if (clen > nbytes - off)
             clen = nbytes - off;
-        struct sym *s = &w->sym[n_sym];
+        struct tok_sym *s = &w->sym[n_sym];
         s->start = start + off;
         s->n = clen;
         s->prev = n_sym - 1;
@@ -600,8 +552,8 @@ static int bpe_word(struct bpe_work *w, uint32_t start, uint32_t nbytes, struct 
     for (int32_t i = 1; i < n_sym; i++)
         add_bigram(w, i - 1, i);
     while (w->n_heap > 0) {
-        struct bigram b = heap_pop(w->heap, &w->n_heap);
-        struct sym *l = &w->sym[b.left], *r = &w->sym[b.right];
+        struct tok_bigram b = tok_heap_pop(w->heap, &w->n_heap);
+        struct tok_sym *l = &w->sym[b.left], *r = &w->sym[b.right];
         if (l->n == 0 || r->n == 0 || l->n + r->n != b.size)
             continue; /* outdated */
         l->n += r->n;
@@ -613,7 +565,7 @@ static int bpe_word(struct bpe_work *w, uint32_t start, uint32_t nbytes, struct 
         add_bigram(w, b.left, l->next);
     }
     for (int32_t i = 0; i != -1 && n_sym > 0; i = w->sym[i].next) {
-        const struct sym *s = &w->sym[i];
+        const struct tok_sym *s = &w->sym[i];
         if (s->n == 0)
             continue;
         int32_t id = vocab_find(v, w->enc + s->start, s->n);
@@ -644,8 +596,8 @@ int tok_bpe_encode(const struct mr_vocab *v, const char *text, size_t len, struc
     size_t *lens = mr_alloc(a, len * sizeof(*lens), 0);
     size_t *tmp = mr_alloc(a, len * sizeof(*tmp), 0);
     char *enc = NULL;
-    struct sym *sym = NULL;
-    struct bigram *heap = NULL;
+    struct tok_sym *sym = NULL;
+    struct tok_bigram *heap = NULL;
     if (!cps || !lens || !tmp)
         goto out_free;
     size_t n = unicode_decode_all(text, len, cps);

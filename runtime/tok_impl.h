@@ -79,6 +79,22 @@ int tok_out_push(struct tok_out *o, int32_t id);
 /* Encode one raw-text fragment (no special tokens inside), appending to out. SPM: with
  * space_prefix a space goes before the text; spaces are escaped to U+2581 here. Returns
  * MOERUN_OK or MOERUN_ERR_NOMEM / MOERUN_ERR_RANGE (text too long). */
+/* A word being merged: its symbols, and candidate merges of adjacent ones ordered by key (higher
+ * first: the SPM piece's score, or minus the BPE merge's rank), then leftmost (tok_merge.c). */
+struct tok_sym {
+    uint32_t start, n; /* bytes in the text being merged; n = 0: merged away */
+    int32_t prev, next;
+};
+
+struct tok_bigram {
+    double key;
+    int32_t left, right;
+    uint32_t size;
+};
+
+void tok_heap_push(struct tok_bigram *h, size_t *n, struct tok_bigram b);
+struct tok_bigram tok_heap_pop(struct tok_bigram *h, size_t *n);
+
 int tok_spm_encode(const struct mr_vocab *v, const char *text, size_t len, bool space_prefix,
                    struct tok_out *out);
 int tok_bpe_encode(const struct mr_vocab *v, const char *text, size_t len, struct tok_out *out);

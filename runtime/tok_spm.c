@@ -7,58 +7,11 @@
 
 #include <string.h>
 
-struct sym {
-    uint32_t start, n; /* bytes in the escaped text; n = 0: merged away */
-    int32_t prev, next;
-};
-
-struct bigram {
-    float score;
-    int32_t left, right;
-    uint32_t size;
-};
-
-/* max-heap: highest score first, then leftmost */
-static bool bg_before(const struct bigram *x, const struct bigram *y) {
-    return x->score > y->score || (x->score == y->score && x->left < y->left);
-}
-
-static void heap_push(struct bigram *h, size_t *n, struct bigram b) {
-    size_t i = (*n)++;
-    while (i > 0) {
-        size_t p = (i - 1) / 2;
-        if (!bg_before(&b, &h[p]))
-            break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = b;
-}
-
-static struct bigram heap_pop(struct bigram *h, size_t *n) {
-    struct bigram top = h[0], last = h[--(*n)];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= *n)
-            break;
-        if (c + 1 < *n && bg_before(&h[c + 1], &h[c]))
-            c++;
-        if (!bg_before(&h[c], &last))
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    if (*n > 0)
-        h[i] = last;
-    return top;
-}
-
 struct spm_work {
     const struct mr_vocab *v;
     const char *text;
-    struct sym *sym;
-    struct bigram *heap;
+    struct tok_sym *sym;
+    struct tok_bigram *heap;
     size_t n_heap;
 };
 
@@ -69,8 +22,8 @@ static void try_add_bigram(struct spm_work *w, int32_t left, int32_t right) {
     int32_t id = vocab_find(w->v, w->text + w->sym[left].start, size);
     if (id < 0)
         return;
-    struct bigram b = {w->v->score[id], left, right, size};
-    heap_push(w->heap, &w->n_heap, b);
+    struct tok_bigram b = {w->v->score[id], left, right, size}; /* highest score first */
+    tok_heap_push(w->heap, &w->n_heap, b);
 }
 
 /* llama.cpp's byte_to_token: "<0xXX>", else the byte itself as a token; else unk (llama.cpp
@@ -98,8 +51,8 @@ int tok_spm_encode(const struct mr_vocab *v, const char *text, size_t len, bool 
         n_space += text[i] == ' ';
     size_t esc_len = len + space_prefix + 2 * n_space;
     char *esc = mr_alloc(a, esc_len, 0);
-    struct sym *sym = mr_alloc(a, esc_len * sizeof(*sym), 0);
-    struct bigram *heap = mr_alloc(a, 3 * esc_len * sizeof(*heap), 0);
+    struct tok_sym *sym = mr_alloc(a, esc_len * sizeof(*sym), 0);
+    struct tok_bigram *heap = mr_alloc(a, 3 * esc_len * sizeof(*heap), 0);
     int rc = MOERUN_OK;
     if (!esc || !sym || !heap) {
         rc = mr_err(MOERUN_ERR_NOMEM, "tokenizer: out of memory for %zu bytes of text", len);
@@ -123,7 +76,7 @@ int tok_spm_encode(const struct mr_vocab *v, const char *text, size_t len, bool 
         size_t clen = unicode_len_utf8((unsigned char)esc[off]);
         if (clen > esc_len - off)
             clen = esc_len - off;
-        struct sym *s = &sym[n_sym];
+        struct tok_sym *s = &sym[n_sym];
         s->start = (uint32_t)off;
         s->n = (uint32_t)clen;
         s->prev = n_sym - 1;
@@ -135,8 +88,8 @@ int tok_spm_encode(const struct mr_vocab *v, const char *text, size_t len, bool 
     for (int32_t i = 1; i < n_sym; i++)
         try_add_bigram(&w, i - 1, i);
     while (w.n_heap > 0) {
-        struct bigram b = heap_pop(heap, &w.n_heap);
-        struct sym *l = &sym[b.left], *r = &sym[b.right];
+        struct tok_bigram b = tok_heap_pop(heap, &w.n_heap);
+        struct tok_sym *l = &sym[b.left], *r = &sym[b.right];
         if (l->n == 0 || r->n == 0 || l->n + r->n != b.size)
             continue;
         l->n += r->n;
@@ -149,7 +102,7 @@ int tok_spm_encode(const struct mr_vocab *v, const char *text, size_t len, bool 
     }
     /* resegment: symbols are tokens or single characters (merges only make tokens) */
     for (int32_t i = 0; i != -1 && rc == MOERUN_OK; i = sym[i].next) {
-        const struct sym *s = &sym[i];
+        const struct tok_sym *s = &sym[i];
         int32_t id = vocab_find(v, esc + s->start, s->n);
         if (id >= 0) {
             rc = tok_out_push(out, id);
