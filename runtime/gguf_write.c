@@ -174,26 +174,9 @@ int gguf_writer_set_version(struct gguf_writer *w, uint32_t version) {
 /* Serialize the body of a value of type t (no type tag). */
 static int put_value(struct gguf_writer *w, const char *key, const struct gguf_value *v, int depth);
 
+/* Bytes of a scalar value; 0 for strings and arrays. */
 static size_t scalar_size(enum gguf_vtype t) {
-    switch (t) {
-    case GGUF_VT_U8:
-    case GGUF_VT_I8:
-    case GGUF_VT_BOOL:
-        return 1;
-    case GGUF_VT_U16:
-    case GGUF_VT_I16:
-        return 2;
-    case GGUF_VT_U32:
-    case GGUF_VT_I32:
-    case GGUF_VT_F32:
-        return 4;
-    case GGUF_VT_U64:
-    case GGUF_VT_I64:
-    case GGUF_VT_F64:
-        return 8;
-    default:
-        return 0;
-    }
+    return t == GGUF_VT_STRING || t == GGUF_VT_ARRAY ? 0 : (size_t)gguf_vtype_size(t);
 }
 
 static int put_array(struct gguf_writer *w, const char *key, const struct gguf_array *a,
