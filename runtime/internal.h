@@ -58,6 +58,12 @@ static inline bool mr_add_overflow_u64(uint64_t a, uint64_t b, uint64_t *out) {
                           __FILE__, __LINE__);                                                     \
     } while (0)
 
+/* Lay a caller's params struct over defaults (both start with size_t struct_size): a caller
+ * built against an older header passes a smaller struct, and the fields it lacks keep their
+ * defaults. given may be NULL (defaults). Returns MOERUN_OK, or MOERUN_ERR_INVALID_ARG naming
+ * what (e.g. "moerun_model_open") when struct_size was never set. */
+int mr_params_merge(void *defaults, size_t size, const void *given, const char *what);
+
 #define MR_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define MR_MIN(a, b)    ((a) < (b) ? (a) : (b))
 #define MR_MAX(a, b)    ((a) > (b) ? (a) : (b))

@@ -178,18 +178,15 @@ int moerun_model_open(const char *path, const moerun_model_params *params, moeru
         return mr_err(MOERUN_ERR_INVALID_ARG, "moerun_model_open: path is NULL");
     moerun_model_params defaults;
     moerun_model_params_init(&defaults);
-    if (params && params->struct_size < sizeof(size_t))
-        return mr_err(MOERUN_ERR_INVALID_ARG,
-                      "moerun_model_open: params not initialised (moerun_model_params_init)");
-    if (params) /* older callers pass a smaller struct: the rest keeps its defaults */
-        memcpy(&defaults, params, MR_MIN(params->struct_size, sizeof(defaults)));
-    defaults.struct_size = sizeof(defaults);
+    int rc = mr_params_merge(&defaults, sizeof(defaults), params, "moerun_model_open");
+    if (rc != MOERUN_OK)
+        return rc;
 
     moerun_model *m = mr_calloc(defaults.allocator, 1, sizeof(*m));
     if (!m)
         return mr_err(MOERUN_ERR_NOMEM, "model: out of memory");
     m->params = defaults;
-    int rc = gguf_open_file(path, m->params.allocator, &m->gguf);
+    rc = gguf_open_file(path, m->params.allocator, &m->gguf);
     if (rc == MOERUN_OK)
         rc = read_hparams(m);
     if (rc == MOERUN_OK)

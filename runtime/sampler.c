@@ -185,13 +185,9 @@ int moerun_sampler_create(const moerun_sampler_params *params, uint32_t n_vocab,
     *out = NULL;
     moerun_sampler_params p;
     moerun_sampler_params_init(&p);
-    if (params && params->struct_size < sizeof(size_t))
-        return mr_err(MOERUN_ERR_INVALID_ARG,
-                      "moerun_sampler_create: params not initialised (moerun_sampler_params_init)");
-    if (params) /* older callers pass a smaller struct: the rest keeps its defaults */
-        memcpy(&p, params, MR_MIN(params->struct_size, sizeof(p)));
-    p.struct_size = sizeof(p);
-    int rc = check_params(&p, n_vocab);
+    int rc = mr_params_merge(&p, sizeof(p), params, "moerun_sampler_create");
+    if (rc == MOERUN_OK)
+        rc = check_params(&p, n_vocab);
     if (rc != MOERUN_OK)
         return rc;
 

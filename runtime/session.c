@@ -88,12 +88,9 @@ int moerun_session_create(moerun_model *model, const moerun_session_params *para
                       "moerun_session_create: the model was opened metadata-only");
     moerun_session_params p;
     moerun_session_params_init(&p);
-    if (params) {
-        if (params->struct_size < sizeof(size_t))
-            return mr_err(MOERUN_ERR_INVALID_ARG, "moerun_session_create: params not "
-                                                  "initialised (moerun_session_params_init)");
-        memcpy(&p, params, MR_MIN(params->struct_size, sizeof(p)));
-    }
+    int rc = mr_params_merge(&p, sizeof(p), params, "moerun_session_create");
+    if (rc != MOERUN_OK)
+        return rc;
     const struct mr_hparams *hp = &model->w->hp;
     const moerun_allocator *a = model->params.allocator;
     uint32_t n_ctx = p.n_ctx ? p.n_ctx : MR_MIN(hp->n_ctx_train, 4096u);
@@ -116,7 +113,7 @@ int moerun_session_create(moerun_model *model, const moerun_session_params *para
     s->n_batch = n_batch;
     s->n_threads = n_threads;
     s->isa = cpu_isa_best();
-    int rc = cpu_pool_create(n_threads, &s->pool);
+    rc = cpu_pool_create(n_threads, &s->pool);
     if (rc != MOERUN_OK)
         goto fail;
     size_t bytes = lay_out(s, NULL);

@@ -116,6 +116,19 @@ void mr_log(moerun_log_level level, const char *fmt, ...) {
     }
 }
 
+int mr_params_merge(void *defaults, size_t size, const void *given, const char *what) {
+    if (!given)
+        return MOERUN_OK;
+    size_t given_size;
+    memcpy(&given_size, given, sizeof(given_size));
+    if (given_size < sizeof(size_t))
+        return mr_err(MOERUN_ERR_INVALID_ARG, "%s: params not initialised (struct_size is %zu)",
+                      what, given_size);
+    memcpy(defaults, given, given_size < size ? given_size : size);
+    memcpy(defaults, &size, sizeof(size)); /* struct_size: this library's */
+    return MOERUN_OK;
+}
+
 /* --- allocation ----------------------------------------------------------------------------- */
 
 void *mr_alloc(const moerun_allocator *a, size_t size, size_t align) {
