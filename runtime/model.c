@@ -130,7 +130,13 @@ static bool is_expert_tensor(const char *rest) {
 static int summarise_tensors(moerun_model *m) {
     const struct gguf_ctx *g = m->gguf;
     moerun_model_info *in = &m->info;
-    if (in->n_layer > 0) {
+    /* every layer has tensors: a block_count beyond the tensor count (itself bounded by the
+     * file's size) is not a model, and must not size an allocation. A file without tensors
+     * (vocabulary only) has no per-layer figures. */
+    if (g->n_tensors > 0 && in->n_layer > g->n_tensors)
+        return mr_err(MOERUN_ERR_FORMAT, "model: block_count %u but the file has %llu tensors",
+                      in->n_layer, (unsigned long long)g->n_tensors);
+    if (in->n_layer > 0 && g->n_tensors > 0) {
         m->layers = mr_calloc(m->params.allocator, in->n_layer, sizeof(*m->layers));
         if (!m->layers)
             return mr_err(MOERUN_ERR_NOMEM, "model: out of memory for %u layers", in->n_layer);
@@ -255,9 +261,9 @@ int moerun_model_layer_expert_bytes(const moerun_model *m, uint32_t il, uint64_t
         return mr_err(MOERUN_ERR_RANGE, "layer %u out of range (the model has %u)", il,
                       m->info.n_layer);
     if (all_experts)
-        *all_experts = m->layers[il].all_bytes;
+        *all_experts = m->layers ? m->layers[il].all_bytes : 0;
     if (one_expert)
-        *one_expert = m->layers[il].one_bytes;
+        *one_expert = m->layers ? m->layers[il].one_bytes : 0;
     return MOERUN_OK;
 }
 

@@ -312,6 +312,9 @@ int weights_load(struct moerun_model *m, const char *path) {
     if (!w->output.row_bytes)
         w->output = w->tok_embd; /* tied embeddings */
 
+    if (hp->n_layer > g->n_tensors) /* bounds the allocation below by the file's size */
+        return mr_err(MOERUN_ERR_FORMAT, "model: block_count %u but the file has %llu tensors",
+                      hp->n_layer, (unsigned long long)g->n_tensors);
     w->layers = mr_calloc(a, hp->n_layer, sizeof(*w->layers));
     if (!w->layers)
         return mr_err(MOERUN_ERR_NOMEM, "model: out of memory for %u layers", hp->n_layer);

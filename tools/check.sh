@@ -34,10 +34,21 @@ echo "clang-format: clean"
 step "fuzz the GGUF reader for ${fuzz_seconds}s"
 CC=clang cmake -S . -B build/check-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOERUN_FUZZ=ON \
     -DMOERUN_SANITIZE=address -DMOERUN_CUDA=OFF -DMOERUN_JEMALLOC=OFF >/dev/null
-cmake --build build/check-fuzz -j"$jobs" --target fuzz_gguf test_gguf
+cmake --build build/check-fuzz -j"$jobs" --target fuzz_gguf fuzz_model test_gguf moe-synth
 corpus=build/check-fuzz/corpus
 rm -rf "$corpus" && mkdir -p "$corpus"
 build/check-fuzz/tests/test_gguf --write-corpus "$corpus"
 build/check-fuzz/tests/fuzz_gguf -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 \
     -malloc_limit_mb=512 -print_final_stats=1 "$corpus" 2>&1 | tail -n 15
-echo "fuzz: no crash in ${fuzz_seconds}s"
+echo "fuzz: the GGUF reader: no crash in ${fuzz_seconds}s"
+
+step "fuzz whole model files for ${fuzz_seconds}s"
+models=build/check-fuzz/corpus-models
+rm -rf "$models" && mkdir -p "$models"
+for arch in mixtral qwen2moe qwen3moe olmoe; do
+    build/check-fuzz/tools/moe-synth -o "$models/$arch.gguf" --arch "$arch" --type f32 \
+        --vocab 259 --embd 8 --ff 8 --layers 1 --heads 2 --kv-heads 1 --experts 2 >/dev/null
+done
+build/check-fuzz/tests/fuzz_model -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 \
+    -malloc_limit_mb=512 -print_final_stats=1 "$models" 2>&1 | tail -n 15
+echo "fuzz: whole model files: no crash in ${fuzz_seconds}s"
