@@ -2,8 +2,10 @@
  * and the moe-run / moe-synth command lines. */
 #include "testutil.h"
 
+#include "gguf.h"
 #include "moerun.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -373,6 +375,37 @@ static void test_open_errors_and_allocator(void **state) {
     free(path);
 }
 
+/* A block_count far beyond the tensors (found by fuzzing) is an error, not a huge allocation. */
+static void test_hostile_block_count(void **state) {
+    (void)state;
+    const char *path = tu_tmp_path(".gguf");
+    struct gguf_writer *w = NULL;
+    assert_int_equal(gguf_writer_create(NULL, &w), MOERUN_OK);
+    assert_int_equal(gguf_writer_set_str(w, "general.architecture", "llama"), MOERUN_OK);
+    assert_int_equal(gguf_writer_set_u32(w, "llama.block_count", 4000000000u), MOERUN_OK);
+    const uint64_t ne[1] = {32};
+    assert_int_equal(gguf_writer_add_tensor(w, "blk.0.attn_norm.weight", MOERUN_TYPE_F32, 1, ne),
+                     MOERUN_OK);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    float data[32] = {0};
+    assert_int_equal(gguf_writer_begin(w, fd), MOERUN_OK);
+    assert_int_equal(gguf_writer_write_data(w, data, sizeof(data)), MOERUN_OK);
+    assert_int_equal(gguf_writer_finish(w), MOERUN_OK);
+    gguf_writer_destroy(w);
+    close(fd);
+    for (int metadata_only = 0; metadata_only <= 1; metadata_only++) {
+        moerun_model_params mp;
+        moerun_model_params_init(&mp);
+        mp.metadata_only = metadata_only;
+        moerun_model *m = NULL;
+        assert_int_equal(moerun_model_open(path, &mp, &m), MOERUN_ERR_FORMAT);
+        assert_non_null(strstr(moerun_errmsg(), "block_count"));
+        assert_null(m);
+    }
+    unlink(path);
+}
+
 /* Every golden model opens, and its hyper-parameters match MANIFEST.tsv. */
 static void test_golden_hparams(void **state) {
     (void)state;
@@ -493,6 +526,7 @@ int main(void) {
         cmocka_unit_test(test_synth_archs),
         cmocka_unit_test(test_synth_rejects_bad_shapes),
         cmocka_unit_test(test_open_errors_and_allocator),
+        cmocka_unit_test(test_hostile_block_count),
         cmocka_unit_test(test_golden_hparams),
         cmocka_unit_test(test_command_lines),
     };
