@@ -205,6 +205,7 @@ int offload_open(struct moerun_model *m, const char *path) {
         .n_expert_used = w->hp.n_expert_used,
         .policy = (enum sched_policy)m->params.policy,
         .prefetch = m->params.prefetch != 0,
+        .prefetch_when_idle = true,
     };
     const uint64_t min_slots = sched_min_bytes(&sp, o->sections, o->n_sections);
     const uint64_t need = o->resident_bytes + min_slots;

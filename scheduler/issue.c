@@ -101,11 +101,12 @@ void sched_promote(struct sched *s, uint32_t sec) {
     issue(s, sec, false, &s->issue[s->n_issue++]);
 }
 
-/* Start the oldest queued prefetches while fewer than pf_cap are in flight, at most max, into
- * to[]. Returns how many. */
+/* Start the oldest queued prefetches while fewer than pf_cap prefetch loads (with pf_idle: loads
+ * of any kind) are in flight, at most max, into to[]. Returns how many. */
 static uint32_t pump(struct sched *s, struct issue *to, uint32_t max) {
     uint32_t n = 0;
-    while (n < max && s->n_queued && s->pf_in_flight < s->pf_cap && !s->closing) {
+    while (n < max && s->n_queued && (s->pf_idle ? s->in_flight : s->pf_in_flight) < s->pf_cap &&
+           !s->closing) {
         int32_t best = -1;
         for (uint32_t i = 0; i < s->n_eslots; i++) {
             int32_t x = s->eslot_sec[i];

@@ -309,6 +309,7 @@ int sched_create(const struct sched_params *p, const struct sched_section *secti
     s->ebase = s->dbase + n_dslots * d;
     s->ahead = ring ? s->n_dslots - 1 : MR_MIN(MR_MAX(p->ring_ahead, 1u), p->n_layer - 1);
     s->pf_cap = p->prefetch_in_flight ? p->prefetch_in_flight : MR_MAX(p->n_expert_used, 1u);
+    s->pf_idle = p->prefetch_when_idle;
     const uint32_t ne = p->n_expert ? p->n_expert : 1;
     s->sections = mr_alloc(NULL, (size_t)n_sections * sizeof(*sections), 0);
     s->st = mr_calloc(NULL, n_sections, sizeof(*s->st));

@@ -80,6 +80,7 @@ struct sched {
     uint64_t tick;
     uint32_t in_flight;    /* loads handed (or being handed) to the loader, not completed */
     uint32_t pf_cap;       /* prefetch loads in flight at most */
+    bool pf_idle;          /* ... counting demand loads too (prefetch_when_idle) */
     uint32_t pf_in_flight; /* of in_flight, started as prefetches */
     uint32_t n_queued;     /* sections QUEUED */
     uint64_t qtick;

@@ -78,6 +78,9 @@ struct sched_params {
                                     of 2 slots when they do not all fit; capped by the budget) */
     uint32_t prefetch_in_flight; /* prefetch loads with the loader at once, at most (the rest
                                     are queued); 0 = n_expert_used */
+    bool prefetch_when_idle;     /* count demand loads too against prefetch_in_flight: prefetches
+                                    use only the I/O that demand loads leave idle (on a decode
+                                    bound by the disk, wrong predictions then cost no reads) */
 };
 
 /* The least region_bytes that runs: 2 dense slots when the dense parts do not all fit (or all

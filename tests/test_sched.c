@@ -318,6 +318,7 @@ struct env_opts {
     bool hold;
     uint32_t delay_max;
     uint32_t prefetch_in_flight;
+    bool prefetch_when_idle;
 };
 
 static void env_open(struct env *v, const struct env_opts *o) {
@@ -341,6 +342,7 @@ static void env_open(struct env *v, const struct env_opts *o) {
         .prefetch = o->prefetch,
         .ring_ahead = o->ring_ahead,
         .prefetch_in_flight = o->prefetch_in_flight,
+        .prefetch_when_idle = o->prefetch_when_idle,
     };
     struct sched_loader ld = {fake_load, v->f};
     assert_int_equal(sched_create(&p, v->m.secs, v->m.n_sections, ld, &v->s), MOERUN_OK);
@@ -1008,6 +1010,64 @@ static uint32_t count_state(struct env *v, uint32_t l, const int32_t *set, uint3
 /* Cap 1 with a loader that holds loads: the predicted experts beyond the cap are queued, a
  * completion starts the oldest, the layer's request promotes the queued ones it needs and
  * cancels the rest, a newer prediction cancels what it no longer names. */
+/* prefetch_when_idle: while demand loads keep the loader busy, prefetches wait; a request that
+ * arrives first cancels the unneeded ones, which are then never read; once the loader idles,
+ * the queue drains. */
+static void test_prefetch_when_idle(void **state) {
+    (void)state;
+    struct env v;
+    struct env_opts o = {.n_layer = 4,
+                         .n_expert = 16,
+                         .k = 2,
+                         .n_dense = 4,
+                         .n_eslots = 16,
+                         .prefetch = true,
+                         .prefetch_in_flight = 1,
+                         .prefetch_when_idle = true,
+                         .hold = true};
+    env_open(&v, &o);
+    float sc[16];
+    struct sched_stats st;
+    int32_t pick[8];
+    random_set(16, 8, pick);
+    /* layer 0 demands two experts: two loads in flight */
+    int32_t need0[2] = {pick[0], pick[1]};
+    assert_int_equal(sched_experts_request(v.s, 0, need0, 2), MOERUN_OK);
+    v.requested += 2;
+    assert_int_equal(fake_loads(v.f), 2);
+    /* a prediction for layer 1 queues both, starts nothing */
+    const int32_t *top = pick + 2;
+    scores_top(16, top, 2, sc);
+    sched_predict(v.s, 1, sc);
+    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(count_state(&v, 1, top, 2, SCHED_QUEUED), 2);
+    /* one demand load done, one still in flight: the loader is not idle, nothing starts (without
+     * prefetch_when_idle a prefetch would: none of the cap's one is in flight) */
+    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(count_state(&v, 1, top, 2, SCHED_QUEUED), 2);
+    /* the other done: the loader idles, the oldest prefetch starts */
+    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(fake_loads(v.f), 3);
+    assert_int_equal(state_of(&v, 1, top[0]), SCHED_LOADING);
+    assert_int_equal(state_of(&v, 1, top[1]), SCHED_QUEUED);
+    handout(&v, 0, need0, 2);
+    /* layer 1 needs top[0] (loading: a hit) and pick[4]: the queued top[1] is cancelled */
+    int32_t need1[2] = {top[0], pick[4]};
+    assert_int_equal(sched_experts_request(v.s, 1, need1, 2), MOERUN_OK);
+    v.requested += 2;
+    assert_int_equal(state_of(&v, 1, top[1]), SCHED_ABSENT);
+    fake_drain(v.f);
+    handout(&v, 1, need1, 2);
+    assert_false(fake_saw(v.f, sec_of(&v.m, 1, top[1])));
+    sched_get_stats(v.s, &st);
+    assert_int_equal(st.prefetch_cancelled, 1);
+    assert_int_equal(st.prefetch_used, 1);
+    assert_int_equal(st.prefetch_issued, 1);
+    check_stats(&v);
+    env_close(&v);
+}
+
 static void test_prefetch_queue(void **state) {
     (void)state;
     struct env v;
@@ -1496,6 +1556,7 @@ int main(void) {
         cmocka_unit_test(test_prefetch),
         cmocka_unit_test(test_prefetch_threaded),
         cmocka_unit_test(test_prefetch_queue),
+        cmocka_unit_test(test_prefetch_when_idle),
         cmocka_unit_test(test_prefetch_passed),
         cmocka_unit_test(test_prefetch_demand_first),
         cmocka_unit_test(test_batches),
