@@ -277,31 +277,36 @@ static int expert_apply(struct moerun_session *s, const struct mr_layer *l, int3
     return MOERUN_OK;
 }
 
+/* The experts the batch chose, through the tiers: request them all first, so their reads go
+ * ahead of any prefetch for later layers. */
+static int experts_request(struct moerun_session *s, uint32_t il) {
+    struct mr_scratch *b = &s->s;
+    uint32_t n_need = 0;
+    for (uint32_t e = 0; e < s->w->hp.n_expert; e++)
+        if (b->route_start[e + 1] != b->route_start[e])
+            b->need[n_need++] = (int32_t)e;
+    return offload_experts_request(s->model->offload, il, b->need, n_need);
+}
+
 /* Every expert the batch chose: from memory, or through the tiers as each arrives (in any
  * order: the outputs are summed in slot order afterwards). */
 static int experts_run(struct moerun_session *s, uint32_t il) {
     const struct mr_layer *l = &s->w->layers[il];
     struct mr_scratch *b = &s->s;
     struct mr_offload *o = s->model->offload;
-    uint32_t n_need = 0;
     int rc = MOERUN_OK;
-    for (uint32_t e = 0; e < s->w->hp.n_expert; e++) {
-        if (b->route_start[e + 1] == b->route_start[e])
-            continue;
-        if (o) {
-            b->need[n_need++] = (int32_t)e;
-            continue;
+    if (!o) {
+        for (uint32_t e = 0; e < s->w->hp.n_expert; e++) {
+            if (b->route_start[e + 1] == b->route_start[e])
+                continue;
+            const struct mr_expert_ptrs p = {mr_weight_rows(&l->gate_exps, e, 0),
+                                             mr_weight_rows(&l->up_exps, e, 0),
+                                             mr_weight_rows(&l->down_exps, e, 0)};
+            if ((rc = expert_apply(s, l, (int32_t)e, &p)) != MOERUN_OK)
+                return rc;
         }
-        const struct mr_expert_ptrs p = {mr_weight_rows(&l->gate_exps, e, 0),
-                                         mr_weight_rows(&l->up_exps, e, 0),
-                                         mr_weight_rows(&l->down_exps, e, 0)};
-        if ((rc = expert_apply(s, l, (int32_t)e, &p)) != MOERUN_OK)
-            return rc;
-    }
-    if (!o)
         return MOERUN_OK;
-    if ((rc = offload_experts_request(o, il, b->need, n_need)) != MOERUN_OK)
-        return rc;
+    }
     int32_t e;
     struct mr_expert_ptrs p;
     while ((rc = offload_experts_next(o, il, &e, &p)) == MOERUN_OK) {
@@ -360,7 +365,9 @@ static int moe_block(struct moerun_session *s, const struct mr_layer *dense, uin
         for (uint32_t t = 0; t < n; t++)
             s->route_fn(s->route_user, s->n_past + t, il, b->sel + (size_t)t * K,
                         b->sel_w + (size_t)t * K, K);
-    if (s->model->offload && (rc = predict_ahead(s, il, n)))
+    /* through the tiers: this layer's reads first, then the prediction's for later layers,
+     * which go to the loader as it idles (and overlap the experts computed below) */
+    if (s->model->offload && ((rc = experts_request(s, il)) || (rc = predict_ahead(s, il, n))))
         return rc;
     if ((rc = experts_run(s, il)))
         return rc;

@@ -183,6 +183,9 @@ int offload_open(struct moerun_model *m, const char *path) {
     pthread_mutex_init(&o->run_lock, NULL);
     if (o->n_layer > 4096)
         return mr_err(MOERUN_ERR_UNSUPPORTED, "offload: more than 4096 layers");
+    if (m->params.policy < MOERUN_POLICY_LRU || m->params.policy > MOERUN_POLICY_PREDICTED)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "offload: unknown eviction policy %d",
+                      m->params.policy);
     o->n_sections = o->n_layer + o->n_layer * o->n_expert;
     o->sections = mr_calloc(a, o->n_sections, sizeof(*o->sections));
     o->dense_at = mr_calloc(a, o->n_layer, sizeof(*o->dense_at));

@@ -118,6 +118,10 @@ static void check_invariant(const char *path, const char *what) {
     assert_memory_equal(mapped, ref, bytes);
     free(mapped);
     const uint64_t lo = min_budget(path);
+    uint32_t nv_bad;
+    int rc_bad;
+    assert_null(run(path, lo, 7, 1, 0, &nv_bad, &rc_bad)); /* an unknown policy */
+    assert_int_equal(rc_bad, MOERUN_ERR_INVALID_ARG);
     const uint64_t budgets[] = {lo, lo + lo / 3, 4 * lo, 64ull << 20};
     int runs = 0;
     for (size_t b = 0; b < sizeof(budgets) / sizeof(budgets[0]); b++) {
