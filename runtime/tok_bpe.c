@@ -44,6 +44,20 @@ static uint32_t wmap(uint32_t c) {
 #define F_WLN (UNICODE_WHITESPACE | UNICODE_LETTER | UNICODE_NUMBER)
 
 /* 's|'t|'re|'ve|'m|'ll|'d at pos: its length or 0; ci = case-insensitive */
+/* The last alternatives of the GPT-2 style patterns, \s+(?!\S) | \s+ | (any one character):
+ * a run of nws whitespace characters at pos less its last one when something follows it, else
+ * the whole run, else one character. Ends the piece there; returns the new position. */
+static size_t ws_tail(struct split *s, size_t pos, size_t nws) {
+    if (nws > 1 && pos + nws < s->e)
+        pos += nws - 1;
+    else if (nws > 0)
+        pos += nws;
+    else
+        pos++;
+    add_to(s, pos);
+    return pos;
+}
+
 static size_t contraction(const struct split *s, size_t pos, bool ci) {
     if (s->cp[pos] != '\'' || pos + 1 >= s->e)
         return 0;
@@ -99,17 +113,7 @@ static void split_gpt2(struct split *s) {
         size_t nws = 0;
         while (fl(s, pos + nws) & UNICODE_WHITESPACE)
             nws++;
-        if (nws > 1 && pos + nws < s->e) { /* \s+(?!\S) */
-            pos += nws - 1;
-            add_to(s, pos);
-            continue;
-        }
-        if (nws > 0) {
-            pos += nws;
-            add_to(s, pos);
-            continue;
-        }
-        add_to(s, ++pos);
+        pos = ws_tail(s, pos, nws);
     }
 }
 
@@ -170,17 +174,7 @@ static void split_llama3_like(struct split *s, size_t max_digits) {
             add_to(s, pos);
             continue;
         }
-        if (nws > 1 && pos + nws < s->e) { /* \s+(?!\S) */
-            pos += nws - 1;
-            add_to(s, pos);
-            continue;
-        }
-        if (nws > 0) {
-            pos += nws;
-            add_to(s, pos);
-            continue;
-        }
-        add_to(s, ++pos);
+        pos = ws_tail(s, pos, nws);
     }
 }
 
