@@ -120,66 +120,41 @@ static inline __m512 maskz_load_f16x16(__mmask16 m, const mr_fp16 *p) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
-static void vec_dot_f32(int64_t n, float *s, const void *w, const void *x) {
-    const float *a = w, *b = x;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
-        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
-    }
-    for (; i + 16 <= n; i += 16)
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    if (i < n) {
-        const __mmask16 m = tail_mask16(n - i);
-        acc1 =
-            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
-    }
-    *s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+static inline __m512 load_f32x16(const float *p) {
+    return _mm512_loadu_ps(p);
 }
 
-static void vec_dot_f16(int64_t n, float *s, const void *w, const void *x) {
-    const mr_fp16 *a = w, *b = x;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        acc0 = _mm512_fmadd_ps(load_f16x16(a + i), load_f16x16(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(load_f16x16(a + i + 16), load_f16x16(b + i + 16), acc1);
-        acc2 = _mm512_fmadd_ps(load_f16x16(a + i + 32), load_f16x16(b + i + 32), acc2);
-        acc3 = _mm512_fmadd_ps(load_f16x16(a + i + 48), load_f16x16(b + i + 48), acc3);
-    }
-    for (; i + 16 <= n; i += 16)
-        acc0 = _mm512_fmadd_ps(load_f16x16(a + i), load_f16x16(b + i), acc0);
-    if (i < n) {
-        const __mmask16 m = tail_mask16(n - i);
-        acc1 = _mm512_fmadd_ps(maskz_load_f16x16(m, a + i), maskz_load_f16x16(m, b + i), acc1);
-    }
-    *s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+static inline __m512 maskz_load_f32x16(__mmask16 m, const float *p) {
+    return _mm512_maskz_loadu_ps(m, p);
 }
 
-static void vec_dot_bf16(int64_t n, float *s, const void *w, const void *x) {
-    const mr_bf16 *a = w, *b = x;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        acc0 = _mm512_fmadd_ps(load_bf16x16(a + i), load_bf16x16(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(load_bf16x16(a + i + 16), load_bf16x16(b + i + 16), acc1);
-        acc2 = _mm512_fmadd_ps(load_bf16x16(a + i + 32), load_bf16x16(b + i + 32), acc2);
-        acc3 = _mm512_fmadd_ps(load_bf16x16(a + i + 48), load_bf16x16(b + i + 48), acc3);
+/* Dot products of two float rows of element type T, read 16 at a time through LOAD (MLOAD for
+ * the masked tail): four accumulators over 64 elements per step. */
+#define VEC_DOT_FLOAT(name, T, LOAD, MLOAD)                                                        \
+    static void name(int64_t n, float *s, const void *w, const void *x) {                          \
+        const T *a = w, *b = x;                                                                    \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                             \
+        __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();                             \
+        int64_t i = 0;                                                                             \
+        for (; i + 64 <= n; i += 64) {                                                             \
+            acc0 = _mm512_fmadd_ps(LOAD(a + i), LOAD(b + i), acc0);                                \
+            acc1 = _mm512_fmadd_ps(LOAD(a + i + 16), LOAD(b + i + 16), acc1);                      \
+            acc2 = _mm512_fmadd_ps(LOAD(a + i + 32), LOAD(b + i + 32), acc2);                      \
+            acc3 = _mm512_fmadd_ps(LOAD(a + i + 48), LOAD(b + i + 48), acc3);                      \
+        }                                                                                          \
+        for (; i + 16 <= n; i += 16)                                                               \
+            acc0 = _mm512_fmadd_ps(LOAD(a + i), LOAD(b + i), acc0);                                \
+        if (i < n) {                                                                               \
+            const __mmask16 m = tail_mask16(n - i);                                                \
+            acc1 = _mm512_fmadd_ps(MLOAD(m, a + i), MLOAD(m, b + i), acc1);                        \
+        }                                                                                          \
+        *s = _mm512_reduce_add_ps(                                                                 \
+            _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));                  \
     }
-    for (; i + 16 <= n; i += 16)
-        acc0 = _mm512_fmadd_ps(load_bf16x16(a + i), load_bf16x16(b + i), acc0);
-    if (i < n) {
-        const __mmask16 m = tail_mask16(n - i);
-        acc1 = _mm512_fmadd_ps(maskz_load_bf16x16(m, a + i), maskz_load_bf16x16(m, b + i), acc1);
-    }
-    *s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-}
+
+VEC_DOT_FLOAT(vec_dot_f32, float, load_f32x16, maskz_load_f32x16)
+VEC_DOT_FLOAT(vec_dot_f16, mr_fp16, load_f16x16, maskz_load_f16x16)
+VEC_DOT_FLOAT(vec_dot_bf16, mr_bf16, load_bf16x16, maskz_load_bf16x16)
 
 static void to_float_f32(const void *src, float *dst, int64_t n) {
     memcpy(dst, src, (size_t)n * sizeof(float));
