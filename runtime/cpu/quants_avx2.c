@@ -135,25 +135,6 @@ static inline __m256i bcast16(__m256i v, int k) {
  * F32, F16, BF16
  * ------------------------------------------------------------------------------------------- */
 
-static void f32_vec_dot(int64_t n, float *s, const void *vw, const void *vx) {
-    const float *w = vw, *x = vx;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++)
-        sum += w[i] * x[i];
-    *s = sum;
-}
-
 static inline __m256 load_f16x8(const mr_fp16 *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
@@ -178,24 +159,38 @@ static void f16_from_float(const float *src, void *dst, int64_t n) {
         h[i] = f32_to_fp16(src[i]);
 }
 
-static void f16_vec_dot(int64_t n, float *s, const void *vw, const void *vx) {
-    const mr_fp16 *w = vw, *x = vx;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(load_f16x8(w + i), load_f16x8(x + i), a0);
-        a1 = _mm256_fmadd_ps(load_f16x8(w + i + 8), load_f16x8(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(load_f16x8(w + i + 16), load_f16x8(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(load_f16x8(w + i + 24), load_f16x8(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(load_f16x8(w + i), load_f16x8(x + i), a0);
-    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++)
-        sum += fp16_to_f32(w[i]) * fp16_to_f32(x[i]);
-    *s = sum;
+static inline __m256 load_f32x8(const float *p) {
+    return _mm256_loadu_ps(p);
 }
+
+static inline float f32_to_f32(float x) {
+    return x;
+}
+
+/* Dot products of two float rows of element type T, 8 at a time through LOAD, four
+ * accumulators over 32 elements per step, the tail through TO_F32. */
+#define VEC_DOT_FLOAT(name, T, LOAD, TO_F32)                                                       \
+    static void name(int64_t n, float *s, const void *vw, const void *vx) {                        \
+        const T *w = vw, *x = vx;                                                                  \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                 \
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                                 \
+        int64_t i = 0;                                                                             \
+        for (; i + 32 <= n; i += 32) {                                                             \
+            a0 = _mm256_fmadd_ps(LOAD(w + i), LOAD(x + i), a0);                                    \
+            a1 = _mm256_fmadd_ps(LOAD(w + i + 8), LOAD(x + i + 8), a1);                            \
+            a2 = _mm256_fmadd_ps(LOAD(w + i + 16), LOAD(x + i + 16), a2);                          \
+            a3 = _mm256_fmadd_ps(LOAD(w + i + 24), LOAD(x + i + 24), a3);                          \
+        }                                                                                          \
+        for (; i + 8 <= n; i += 8)                                                                 \
+            a0 = _mm256_fmadd_ps(LOAD(w + i), LOAD(x + i), a0);                                    \
+        float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
+        for (; i < n; i++)                                                                         \
+            sum += TO_F32(w[i]) * TO_F32(x[i]);                                                    \
+        *s = sum;                                                                                  \
+    }
+
+VEC_DOT_FLOAT(f32_vec_dot, float, load_f32x8, f32_to_f32)
+VEC_DOT_FLOAT(f16_vec_dot, mr_fp16, load_f16x8, fp16_to_f32)
 
 static inline __m256 load_bf16x8(const mr_bf16 *p) {
     const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));

@@ -164,27 +164,21 @@ static void from_float_f32(const float *src, void *dst, int64_t n) {
     memcpy(dst, src, (size_t)n * sizeof(float));
 }
 
-static void to_float_f16(const void *src, float *dst, int64_t n) {
-    const mr_fp16 *x = src;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, load_f16x16(x + i));
-    if (i < n) {
-        const __mmask16 m = tail_mask16(n - i);
-        _mm512_mask_storeu_ps(dst + i, m, maskz_load_f16x16(m, x + i));
+/* Widen a row of element type T to float, 16 at a time through LOAD (MLOAD for the tail). */
+#define TO_FLOAT_WIDEN(name, T, LOAD, MLOAD)                                                       \
+    static void name(const void *src, float *dst, int64_t n) {                                     \
+        const T *x = src;                                                                          \
+        int64_t i = 0;                                                                             \
+        for (; i + 16 <= n; i += 16)                                                               \
+            _mm512_storeu_ps(dst + i, LOAD(x + i));                                                \
+        if (i < n) {                                                                               \
+            const __mmask16 m = tail_mask16(n - i);                                                \
+            _mm512_mask_storeu_ps(dst + i, m, MLOAD(m, x + i));                                    \
+        }                                                                                          \
     }
-}
 
-static void to_float_bf16(const void *src, float *dst, int64_t n) {
-    const mr_bf16 *x = src;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, load_bf16x16(x + i));
-    if (i < n) {
-        const __mmask16 m = tail_mask16(n - i);
-        _mm512_mask_storeu_ps(dst + i, m, maskz_load_bf16x16(m, x + i));
-    }
-}
+TO_FLOAT_WIDEN(to_float_f16, mr_fp16, load_f16x16, maskz_load_f16x16)
+TO_FLOAT_WIDEN(to_float_bf16, mr_bf16, load_bf16x16, maskz_load_bf16x16)
 
 static void from_float_f16(const float *src, void *dst, int64_t n) {
     mr_fp16 *y = dst;
