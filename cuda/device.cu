@@ -1,17 +1,9 @@
 // CUDA device discovery. Every CUDA status becomes a moerun status with a message.
 #include "cuda_backend.h"
 
-extern "C" {
-#include "internal.h"
-}
-
-#include <cuda_runtime.h>
+#include "cuda_util.cuh"
 
 #include <string.h>
-
-#define cuda_err(e, what)                                                                          \
-    mr_err(MOERUN_ERR_BACKEND, "cuda: %s: %s (%s:%d)", (what), cudaGetErrorString(e), __FILE__,    \
-           __LINE__)
 
 extern "C" int cuda_device_count(int *n) {
     *n = 0;
@@ -23,7 +15,7 @@ extern "C" int cuda_device_count(int *n) {
     }
     if (e != cudaSuccess) {
         *n = 0;
-        return cuda_err(e, "cudaGetDeviceCount");
+        return cuda_util_err(e, "cudaGetDeviceCount");
     }
     return MOERUN_OK;
 }
@@ -33,7 +25,7 @@ extern "C" int cuda_device_describe(int dev, char *name, unsigned long name_size
     cudaDeviceProp prop;
     cudaError_t e = cudaGetDeviceProperties(&prop, dev);
     if (e != cudaSuccess)
-        return cuda_err(e, "cudaGetDeviceProperties");
+        return cuda_util_err(e, "cudaGetDeviceProperties");
     if (name && name_size) {
         strncpy(name, prop.name, name_size - 1);
         name[name_size - 1] = '\0';

@@ -1,19 +1,22 @@
 // Layer parts on the GPU (docs/architectures.md): memory and stream helpers, RMSNorm, RoPE,
-// router softmax + top-k, SwiGLU, residual add, attention for one token and for a prompt batch.
+// router softmax + top-k, SwiGLU, residual add, the MoE plumbing (bias rows, gather, scaled
+// scatter, slot sums, gated add), attention for one token and for a prompt batch. No kernel
+// uses atomics: every output element is written by one thread in a fixed order.
 #include "ops.h"
 
 #include "cuda_util.cuh"
 
 #include <math.h>
+#include <stdio.h>
 
 namespace {
 
-constexpr int EW_THREADS = 256;   // elementwise kernels
-constexpr int NORM_THREADS = 256; // one block per row
-constexpr int TOPK_MAX_E = 256;   // experts
-constexpr int TOPK_MAX_K = 8;     // experts used
-constexpr int TOPK_WARPS = 4;     // tokens per block
-constexpr int ATT_MAX_HD = 256;   // head size
+constexpr int EW_THREADS = 256;       // elementwise kernels
+constexpr int NORM_THREADS = 256;     // one block per row
+constexpr int TOPK_MAX_E = 256;       // experts
+constexpr int TOPK_MAX_K = CUDA_WARP; // experts used (lane j keeps pick j)
+constexpr int TOPK_WARPS = 4;         // tokens per block
+constexpr int ATT_MAX_HD = 256;       // head size
 constexpr int ATT_HD_LANE = ATT_MAX_HD / CUDA_WARP;
 constexpr int DEC_WARPS = 8; // decode: warps per head, keys dealt round-robin
 constexpr int PR_BQ = 16;    // prompt: queries per block
@@ -21,8 +24,22 @@ constexpr int PR_BK = 32;    // prompt: keys per tile (one per lane)
 constexpr int PR_WARPS = 4;  // prompt: warps per block, PR_BQ / PR_WARPS queries each
 
 unsigned ew_blocks(int64_t n) {
-    int64_t b = (n + EW_THREADS - 1) / EW_THREADS;
-    return (unsigned)(b > 65536 ? 65536 : b); // grid-stride beyond
+    return cuda_util_stride_blocks(n, EW_THREADS); // grid-stride beyond
+}
+
+// Row-wise kernels: grid.y walks the rows (stride gridDim.y), grid.x the d columns of a row
+// (stride gridDim.x * blockDim.x). n_rows > 0 and d > 0.
+dim3 row_grid(int64_t n_rows, int64_t d) {
+    const int64_t bx = (d + EW_THREADS - 1) / EW_THREADS;
+    return dim3((unsigned)(bx > 1024 ? 1024 : bx),
+                (unsigned)(n_rows > CUDA_GRID_YZ_MAX ? CUDA_GRID_YZ_MAX : n_rows));
+}
+
+__device__ __forceinline__ int64_t col0() {
+    return (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t col_step() {
+    return (int64_t)gridDim.x * blockDim.x;
 }
 
 // --- elementwise -------------------------------------------------------------------------------
@@ -39,6 +56,59 @@ __global__ void add_kernel(float *y, const float *x, int64_t n) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
         y[i] += x[i];
+}
+
+// --- MoE plumbing: row-wise -------------------------------------------------------------------
+
+__global__ void add_rows_kernel(float *y, const float *__restrict__ b, int64_t n_rows, int64_t d) {
+    for (int64_t i = blockIdx.y; i < n_rows; i += gridDim.y)
+        for (int64_t c = col0(); c < d; c += col_step())
+            y[i * d + c] += b[c];
+}
+
+__global__ void gather_rows_kernel(float *__restrict__ dst, const float *__restrict__ src,
+                                   const int32_t *__restrict__ idx, int64_t n, int64_t d) {
+    for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
+        const float *sr = src + (int64_t)idx[i] * d;
+        for (int64_t c = col0(); c < d; c += col_step())
+            dst[i * d + c] = sr[c];
+    }
+}
+
+__global__ void scatter_scaled_kernel(float *__restrict__ dst, const float *__restrict__ src,
+                                      const int32_t *__restrict__ idx,
+                                      const float *__restrict__ scale, int64_t n, int64_t d) {
+    for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
+        const int64_t row = idx[i];
+        const float sc = scale[row];
+        for (int64_t c = col0(); c < d; c += col_step())
+            dst[row * d + c] = src[i * d + c] * sc;
+    }
+}
+
+// y[t] = slots[t][0] + ... + slots[t][k-1], left to right (the CPU's order: the same sums).
+__global__ void sum_slots_kernel(float *__restrict__ y, const float *__restrict__ slots,
+                                 int64_t n_tok, int k, int64_t d) {
+    for (int64_t t = blockIdx.y; t < n_tok; t += gridDim.y) {
+        const float *st = slots + t * k * d;
+        for (int64_t c = col0(); c < d; c += col_step()) {
+            float acc = k > 0 ? st[c] : 0.0f;
+            for (int j = 1; j < k; j++)
+                acc += st[j * d + c];
+            y[t * d + c] = acc;
+        }
+    }
+}
+
+// y[t] += x[t] * sigmoid(g[t]): the gate as the CPU computes it, product and sum rounded
+// separately (no contraction into a fused multiply-add).
+__global__ void add_gated_kernel(float *y, const float *__restrict__ x, const float *__restrict__ g,
+                                 int64_t n_tok, int64_t d) {
+    for (int64_t t = blockIdx.y; t < n_tok; t += gridDim.y) {
+        const float gate = 1.0f / (1.0f + expf(-g[t]));
+        for (int64_t c = col0(); c < d; c += col_step())
+            y[t * d + c] = __fadd_rn(y[t * d + c], __fmul_rn(x[t * d + c], gate));
+    }
 }
 
 // --- RMSNorm: one block per row ----------------------------------------------------------------
@@ -87,8 +157,10 @@ __global__ void rope_kernel(float *x, int64_t n_pairs, int n_head, int hd, int n
 
 // --- router: one warp per token; lane l holds experts l, l + 32, ... ---------------------------
 
-__global__ void softmax_topk_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int k,
-                                    int renorm, float *probs, int32_t *sel, float *sel_w) {
+// logits is not __restrict__: probs may be the same rows (each lane reads its experts of the row
+// into registers before the first store, and touches no other lane's).
+__global__ void softmax_topk_kernel(const float *logits, int64_t n_tok, int E, int k, int renorm,
+                                    float *probs, int32_t *sel, float *sel_w) {
     constexpr int PER = TOPK_MAX_E / CUDA_WARP;
     const int lane = (int)threadIdx.x % CUDA_WARP;
     const int64_t t = (int64_t)blockIdx.x * TOPK_WARPS + threadIdx.x / CUDA_WARP;
@@ -334,8 +406,7 @@ int check_heads(const char *fn, int n_head, int n_head_kv, int hd) {
 
 } // namespace
 
-// --- memory and streams
-// ----------------------------------------------------------------------------
+// --- memory and streams --------------------------------------------------------------------------
 
 extern "C" int cuda_alloc(size_t bytes, void **out) {
     *out = NULL;
@@ -344,7 +415,9 @@ extern "C" int cuda_alloc(size_t bytes, void **out) {
     cudaError_t e = cudaMalloc(out, bytes);
     if (e != cudaSuccess) {
         *out = NULL;
-        return cuda_util_err(e, "cudaMalloc");
+        char what[64];
+        snprintf(what, sizeof(what), "cudaMalloc of %zu bytes", bytes);
+        return cuda_util_err(e, what);
     }
     return MOERUN_OK;
 }
@@ -398,8 +471,7 @@ extern "C" int cuda_stream_sync(void *stream) {
     return MOERUN_OK;
 }
 
-// --- layer parts
-// -------------------------------------------------------------------------------------
+// --- layer parts ---------------------------------------------------------------------------------
 
 extern "C" int cuda_rmsnorm(float *out, const float *x, const float *w, int64_t n_rows, int64_t n,
                             float eps, void *stream) {
@@ -434,14 +506,19 @@ extern "C" int cuda_rope(float *x, int64_t n_tok, int n_head, int hd, int n_rot,
 
 extern "C" int cuda_softmax_topk(const float *logits, int64_t n_tok, int E, int k, bool renorm,
                                  float *probs, int32_t *sel, float *sel_w, void *stream) {
-    if (n_tok < 0 || E <= 0 || E > TOPK_MAX_E || k <= 0 || k > TOPK_MAX_K || k > E)
+    if (E > TOPK_MAX_E || k > TOPK_MAX_K)
+        return mr_err(MOERUN_ERR_UNSUPPORTED,
+                      "cuda_softmax_topk: %d experts, %d used (the kernel takes E <= %d, k <= %d)",
+                      E, k, TOPK_MAX_E, TOPK_MAX_K);
+    if (n_tok < 0 || E <= 0 || k < 0 || k > E || (k == 0 && !probs) || (k > 0 && (!sel || !sel_w)))
         return mr_err(MOERUN_ERR_INVALID_ARG,
-                      "cuda_softmax_topk: %d experts, %d used (E <= %d, k <= %d)", E, k, TOPK_MAX_E,
-                      TOPK_MAX_K);
+                      "cuda_softmax_topk: %lld tokens, %d experts, %d used, probs %p, sel %p, "
+                      "sel_w %p",
+                      (long long)n_tok, E, k, (void *)probs, (void *)sel, (void *)sel_w);
     const int64_t blocks = (n_tok + TOPK_WARPS - 1) / TOPK_WARPS;
     if (blocks == 0)
         return MOERUN_OK;
-    if (blocks > INT32_MAX)
+    if (blocks > CUDA_GRID_X_MAX)
         return mr_err(MOERUN_ERR_INVALID_ARG, "cuda_softmax_topk: %lld tokens", (long long)n_tok);
     softmax_topk_kernel<<<(unsigned)blocks, TOPK_WARPS * CUDA_WARP, 0, cuda_util_stream(stream)>>>(
         logits, n_tok, E, k, renorm ? 1 : 0, probs, sel, sel_w);
@@ -468,6 +545,83 @@ extern "C" int cuda_add(float *y, const float *x, int64_t n, void *stream) {
     cuda_util_check_launch("add");
     return MOERUN_OK;
 }
+
+// --- MoE plumbing ------------------------------------------------------------------------------
+
+namespace {
+
+int check_rows(const char *fn, int64_t n_rows, int64_t d, bool *empty) {
+    if (n_rows < 0 || d < 0)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "%s: %lld rows of %lld", fn, (long long)n_rows,
+                      (long long)d);
+    *empty = n_rows == 0 || d == 0;
+    return MOERUN_OK;
+}
+
+} // namespace
+
+extern "C" int cuda_add_rows(float *y, const float *b, int64_t n_rows, int64_t n, void *stream) {
+    bool empty = true;
+    int rc = check_rows("cuda_add_rows", n_rows, n, &empty);
+    if (rc || empty)
+        return rc;
+    add_rows_kernel<<<row_grid(n_rows, n), EW_THREADS, 0, cuda_util_stream(stream)>>>(y, b, n_rows,
+                                                                                      n);
+    cuda_util_check_launch("add_rows");
+    return MOERUN_OK;
+}
+
+extern "C" int cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n,
+                                int64_t d, void *stream) {
+    bool empty = true;
+    int rc = check_rows("cuda_gather_rows", n, d, &empty);
+    if (rc || empty)
+        return rc;
+    gather_rows_kernel<<<row_grid(n, d), EW_THREADS, 0, cuda_util_stream(stream)>>>(dst, src, idx,
+                                                                                    n, d);
+    cuda_util_check_launch("gather_rows");
+    return MOERUN_OK;
+}
+
+extern "C" int cuda_scatter_scaled(float *dst, const float *src, const int32_t *idx,
+                                   const float *scale, int64_t n, int64_t d, void *stream) {
+    bool empty = true;
+    int rc = check_rows("cuda_scatter_scaled", n, d, &empty);
+    if (rc || empty)
+        return rc;
+    scatter_scaled_kernel<<<row_grid(n, d), EW_THREADS, 0, cuda_util_stream(stream)>>>(
+        dst, src, idx, scale, n, d);
+    cuda_util_check_launch("scatter_scaled");
+    return MOERUN_OK;
+}
+
+extern "C" int cuda_sum_slots(float *y, const float *slots, int64_t n_tok, int k, int64_t d,
+                              void *stream) {
+    bool empty = true;
+    int rc = check_rows("cuda_sum_slots", n_tok, d, &empty);
+    if (rc || empty)
+        return rc;
+    if (k < 0)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "cuda_sum_slots: %d slots", k);
+    sum_slots_kernel<<<row_grid(n_tok, d), EW_THREADS, 0, cuda_util_stream(stream)>>>(y, slots,
+                                                                                      n_tok, k, d);
+    cuda_util_check_launch("sum_slots");
+    return MOERUN_OK;
+}
+
+extern "C" int cuda_add_gated(float *y, const float *x, const float *g, int64_t n_tok, int64_t d,
+                              void *stream) {
+    bool empty = true;
+    int rc = check_rows("cuda_add_gated", n_tok, d, &empty);
+    if (rc || empty)
+        return rc;
+    add_gated_kernel<<<row_grid(n_tok, d), EW_THREADS, 0, cuda_util_stream(stream)>>>(y, x, g,
+                                                                                      n_tok, d);
+    cuda_util_check_launch("add_gated");
+    return MOERUN_OK;
+}
+
+// --- attention -----------------------------------------------------------------------------------
 
 extern "C" int cuda_attention_decode(const float *q, const float *k_cache, const float *v_cache,
                                      float *o, int n_head, int n_head_kv, int hd, int64_t n_keys,

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-/* --- memory and streams ----------------------------------------------------------------------- */
+/* --- memory and streams --------------------------------------------------------------------- */
 
 /* *out = bytes of device memory (bytes 0: *out = NULL). Returns MOERUN_OK or ERR_BACKEND. */
 int cuda_alloc(size_t bytes, void **out);
@@ -45,33 +45,62 @@ int cuda_stream_sync(void *stream);
 int cuda_cublas_create(void **out);
 void cuda_cublas_destroy(void *cublas); /* NULL is a no-op */
 
-/* --- products (quant.cu, gemm.cu) ----------------------------------------------------------------
- */
+/* --- products (quant.cu, gemm.cu) ---------------------------------------------------------- */
+
+/* The checks every product makes of a weight matrix: type supported (MOERUN_ERR_UNSUPPORTED
+ * otherwise), rows >= 0, k a positive multiple of the type's block size, w aligned as below
+ * (MOERUN_ERR_INVALID_ARG otherwise); fn names the caller in the message. Launches nothing. */
+int cuda_check_weights(const char *fn, int type, int64_t rows, int64_t k, const void *w);
+
+/* Bytes of one row of k elements of type (0 for an unsupported type or a partial block). */
+int64_t cuda_row_bytes(int type, int64_t k);
 
 /* y[rows] = W[rows][k] . x[k] for W of type F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K
  * (moerun_type), k a multiple of the type's block size. One warp per row, x staged in shared
- * memory, each weight byte read once; x stays F32 (no rounding to the companion type), sums F32.
- * Alignment of w: 16 bytes for Q4_K and Q5_K, 4 for F32, 2 for the others (what GGUF data and
- * cudaMalloc give). Returns MOERUN_OK, ERR_UNSUPPORTED (type), ERR_INVALID_ARG, ERR_BACKEND. */
+ * memory (swizzled against bank conflicts), each weight byte read once; x stays F32 (no rounding
+ * to the companion type), sums F32 in a fixed order (deterministic). Alignment of w: 16 bytes for
+ * Q4_K and Q5_K, 4 for F32, 2 for the others (what GGUF data and cudaMalloc give). Returns
+ * MOERUN_OK, ERR_UNSUPPORTED (type), ERR_INVALID_ARG, ERR_BACKEND. */
 int cuda_matvec(int type, int64_t rows, int64_t k, const void *w, const float *x, float *y,
                 void *stream);
+
+/* Y[n][rows] = X[n][k] . W[rows][k]^T as n matrix-vector products fused: passes of up to 8
+ * columns, each reading W once and multiplying every column with each weight; per column the
+ * same arithmetic as cuda_matvec (F32 x, F32 sums). n = 0 does nothing. Returns as
+ * cuda_matvec. */
+int cuda_matvec_n(int type, int64_t rows, int64_t k, const void *w, int64_t n, const float *x,
+                  float *y, void *stream);
 
 /* dst[n] (IEEE half, raw) = the n elements of src (type as above; n a multiple of the block
  * size) dequantized and rounded to nearest. Returns as cuda_matvec. */
 int cuda_dequant_f16(int type, int64_t n, const void *src, void *dst, void *stream);
 
-/* Scratch for cuda_matmul: W as F16 ([rows][k]) and X as F16 ([n][k]), each 256-byte aligned. */
+/* Scratch for cuda_matmul: X as F16 ([n][k]) and all of W as F16 ([rows][k]), each 256-byte
+ * aligned; cuda_matmul_x_bytes is the X part alone. 0 for an empty shape. */
 size_t cuda_matmul_scratch_bytes(int64_t rows, int64_t k, int64_t n);
+size_t cuda_matmul_x_bytes(int64_t k, int64_t n);
 
-/* Y[n][rows] = X[n][k] . W[rows][k]^T: W dequantized to F16 (F16 weights used in place), X
- * rounded to F16, one cublasGemmEx with F32 accumulation and F32 output. scratch_f16 holds
- * cuda_matmul_scratch_bytes(rows, k, n) device bytes; cublas from cuda_cublas_create (its stream
- * is set to stream). Returns as cuda_matvec. */
+/* Y[n][rows] = X[n][k] . W[rows][k]^T through cublasGemmEx with F32 accumulation and output:
+ *  - F32 weights: F32 inputs (no TF32, no staging: scratch unused);
+ *  - F16 weights: used in place, X rounded to F16 in scratch;
+ *  - the others: X rounded to F16 at the start of scratch, then W dequantized to F16 after it in
+ *    chunks of as many rows as the rest of scratch holds (at least one row: k * 2 bytes), one
+ *    GEMM per chunk.
+ * scratch: 256-byte aligned device memory of scratch_bytes (cuda_matmul_scratch_bytes(rows, k,
+ * n) is enough for one chunk); cublas from cuda_cublas_create, its stream set to stream. F16
+ * rounding bounds the error near 2^-11 relative per factor; values past the F16 range (65504)
+ * overflow. Returns as cuda_matvec (ERR_INVALID_ARG for too little scratch). */
+int cuda_matmul_ws(void *cublas, int type, int64_t rows, int64_t k, const void *w, int64_t n,
+                   const float *x, float *y, void *scratch, size_t scratch_bytes, void *stream);
+
+/* cuda_matmul_ws with scratch of cuda_matmul_scratch_bytes(rows, k, n) bytes. */
 int cuda_matmul(void *cublas, int type, int64_t rows, int64_t k, const void *w, int64_t n,
                 const float *x, float *y, void *scratch_f16, void *stream);
 
-/* --- layer parts (ops.cu)
- * -------------------------------------------------------------------------- */
+/* Point the cuBLAS handle's work at stream. Returns MOERUN_OK or ERR_BACKEND. */
+int cuda_cublas_set_stream(void *cublas, void *stream);
+
+/* --- layer parts (ops.cu) --------------------------------------------------------------------- */
 
 /* out[r][i] = x[r][i] / sqrt(mean_i(x[r]^2) + eps) * w[i] for n_rows rows of n (w: [n]; a
  * per-head norm is n_rows = n_tok * heads, n = hd). out may equal x. */
@@ -88,10 +117,12 @@ enum cuda_rope_style {
 int cuda_rope(float *x, int64_t n_tok, int n_head, int hd, int n_rot, int64_t pos0, float base,
               enum cuda_rope_style style, void *stream);
 
-/* Router: for each of n_tok rows of logits[n_tok][E] (E <= 256): p = softmax(logits);
- * sel[t][0..k) = the k largest (descending, lowest index first on ties; k <= 8, k <= E),
- * sel_w[t][j] = p[sel], divided by their sum when renorm. probs[n_tok][E] receives p when not
- * NULL. */
+/* Router: for each of n_tok rows of logits[n_tok][E] (1 <= E <= 256): p = softmax(logits) into
+ * probs[n_tok][E] when probs is not NULL (probs may equal logits: each row is read whole before
+ * it is written); with k > 0 (k <= 32, k <= E), sel[t][0..k) = the k largest p (descending,
+ * lowest index first on ties), sel_w[t][j] = p[sel], divided by their sum when renorm (summed in
+ * pick order); k = 0 only writes probs (sel, sel_w unused). One warp per token. Returns
+ * MOERUN_OK, ERR_UNSUPPORTED (E > 256 or k > 32), ERR_INVALID_ARG (k > E, nothing to write). */
 int cuda_softmax_topk(const float *logits, int64_t n_tok, int E, int k, bool renorm, float *probs,
                       int32_t *sel, float *sel_w, void *stream);
 
@@ -100,6 +131,32 @@ int cuda_swiglu(float *out, const float *g, const float *u, int64_t n, void *str
 
 /* y[i] += x[i] over n values. */
 int cuda_add(float *y, const float *x, int64_t n, void *stream);
+
+/* The MoE plumbing. All sizes are counts of floats; n == 0 (or d == 0) does nothing. The index
+ * arrays are device memory and must hold valid rows (they are not checked on the device);
+ * results are written, never accumulated with atomics, so every op is deterministic. */
+
+/* y[r][i] += b[i] for n_rows rows of n (biases). */
+int cuda_add_rows(float *y, const float *b, int64_t n_rows, int64_t n, void *stream);
+
+/* dst[i][:] = src[idx[i]][:] for n rows of d (dst [n][d], src [*][d], idx [n]). */
+int cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int64_t d,
+                     void *stream);
+
+/* dst[idx[i]][:] = src[i][:] * scale[idx[i]] for n rows of d (src [n][d]; dst [*][d] and
+ * scale [*] indexed by idx [n], whose entries must be distinct: rows are written, not summed). */
+int cuda_scatter_scaled(float *dst, const float *src, const int32_t *idx, const float *scale,
+                        int64_t n, int64_t d, void *stream);
+
+/* y[t][:] = slots[t][0][:] + slots[t][1][:] + ... + slots[t][k-1][:], added in that order (k = 0:
+ * zeros), for n_tok rows of d (slots [n_tok][k][d], y [n_tok][d], not overlapping). */
+int cuda_sum_slots(float *y, const float *slots, int64_t n_tok, int k, int64_t d, void *stream);
+
+/* y[t][i] += x[t][i] * sigmoid(g[t]) for n_tok rows of d (g [n_tok]: one gate per token, the
+ * shared expert's). The product and the sum are rounded separately (no fused multiply-add), as
+ * on the CPU. */
+int cuda_add_gated(float *y, const float *x, const float *g, int64_t n_tok, int64_t d,
+                   void *stream);
 
 /* Attention of one query token: q[n_head * hd]; caches [n_ctx][n_head_kv * hd] F32 holding the
  * keys and values of positions 0 .. n_keys - 1 (the token's own included); query head j uses

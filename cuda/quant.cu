@@ -6,6 +6,15 @@
 // alignment allows). unit(b, s, f) decodes unit s of the block at b and calls f(e, v) for each of
 // its elements (e the index in the block, v the dequantized value). The matvec kernel gives each
 // row to a warp whose lanes walk the row's units; the dequantize kernel gives a unit to a thread.
+//
+// Shared-memory swizzle: the lanes of a warp decode units of different blocks at the same time,
+// and the element e each reads at one instruction sits at a multiple of 8..32 floats apart from
+// its neighbours' (Q4_K: lanes of one block read elements 16 apart, blocks are 256 apart), so a
+// plain x tile in shared memory puts up to 16 lanes on one bank. The tile is stored permuted:
+// element i at i ^ swz(i / 32), a permutation of the low 5 bits (the bank) within each 32-float
+// row, with swz chosen per type so that the 32 lanes' elements at one instruction land on 32
+// distinct banks (the derivation is at each swz). Correctness does not depend on that choice:
+// writer and readers apply the same bijection.
 #include "ops.h"
 
 #include "cuda_util.cuh"
@@ -17,7 +26,8 @@
 namespace {
 
 constexpr int MV_WARPS = 8;     // rows (warps) per block
-constexpr int MV_TILE = 4096;   // x elements staged in shared memory per pass (16 KiB)
+constexpr int MV_TILE = 4096;   // x elements staged in shared memory per pass, one column (16 KiB)
+constexpr int MV_MAX_COLS = 8;  // columns of x per pass of the batched matvec
 constexpr int DQ_THREADS = 256; // threads per block of the dequantize kernel
 
 // The decoders are host-callable too, so that the layouts can be checked without a device.
@@ -56,6 +66,11 @@ QD uint32_t byte_of(const uint32_t *w, int j) {
 
 template <int VEC> struct tr_f32 {
     static constexpr int blck = VEC, bytes = 4 * VEC, units = 1;
+    // VEC 4: lane l reads elements 4l + e of its row of 128 = 4 rows of 32; row & 3 = l / 8
+    // flips bits 0-1, bits 2-4 are l % 8: distinct banks. VEC 1: consecutive already.
+    QD static int swz(int row) {
+        return VEC == 4 ? (row & 3) : 0;
+    }
     template <class F> QD static void unit(const uint8_t *b, int, F &&f) {
         if constexpr (VEC == 4) {
             const float4 v = *reinterpret_cast<const float4 *>(b);
@@ -71,6 +86,10 @@ template <int VEC> struct tr_f32 {
 
 template <int VEC, bool BF> struct tr_h16 {
     static constexpr int blck = VEC, bytes = 2 * VEC, units = 1;
+    // VEC 8: lane l reads element 8l + e, row = l / 4 (mod 8) flips bits 0-2, bits 3-4 = l % 4.
+    QD static int swz(int row) {
+        return VEC == 8 ? (row & 7) : 0;
+    }
     QD static float cvt(uint16_t h) {
         return BF ? bf2f(h) : h2f(h);
     }
@@ -93,6 +112,11 @@ template <int VEC, bool BF> struct tr_h16 {
 
 struct tr_q8_0 {
     static constexpr int blck = 32, bytes = 34, units = 4;
+    // lane l: block l / 4 (one row each), unit s = l % 4 reads 8s + j: bits 3-4 = s, bits 0-2 =
+    // j ^ (block & 7).
+    QD static int swz(int row) {
+        return row & 7;
+    }
     template <class F> QD static void unit(const uint8_t *b, int s, F &&f) {
         const float d = h2f(ld16(b));
         const uint32_t w[2] = {ld32_a2(b + 2 + 8 * s), ld32_a2(b + 6 + 8 * s)};
@@ -106,6 +130,11 @@ struct tr_q8_0 {
 
 struct tr_q4_0 {
     static constexpr int blck = 32, bytes = 18, units = 4;
+    // lane l: block l / 4, unit s = l % 4 reads 4s + j (+16): bits 2-3 = s; the block's low
+    // three bits flip bits 0, 1 and 4.
+    QD static int swz(int row) {
+        return (row & 3) | ((row & 4) << 2);
+    }
     template <class F> QD static void unit(const uint8_t *b, int s, F &&f) {
         const float d = h2f(ld16(b));
         const uint32_t w[1] = {ld32_a2(b + 2 + 4 * s)};
@@ -138,6 +167,11 @@ QD void kq_scale_min(const uint32_t *sc, int j, float *s, float *m) {
 // qh[l0 + j] as the fifth bit.
 template <bool Q5> struct tr_qk45 {
     static constexpr int blck = 256, bytes = Q5 ? 176 : 144, units = 8;
+    // lane l: block b = l / 8 (mod 4), unit i = l % 8 reads 64c + 16 (i%2) + j (+32), c = i / 2:
+    // rows 8b + 2c (+1); bit 4 = i % 2 and (row / 2) % 16 = 4b + c flips bits 0-3.
+    QD static int swz(int row) {
+        return (row >> 1) & 15;
+    }
     template <class F> QD static void unit(const uint8_t *b, int i, F &&f) {
         const uint32_t dd = *reinterpret_cast<const uint32_t *>(b);
         const float d = h2f((uint16_t)(dd & 0xFFFFu)), dmin = h2f((uint16_t)(dd >> 16));
@@ -176,6 +210,11 @@ template <bool Q5> struct tr_qk45 {
 // bits 4-5, +96: B high | bits 6-7; minus 32; scale of element e = scales[e / 16].
 struct tr_q6_k {
     static constexpr int blck = 256, bytes = 210, units = 8;
+    // lane l: block b = l / 8 (mod 4), unit i = l % 8 reads 128h + 8 (i%4) + j + 32m, h = i / 4:
+    // rows 8b + 4h + m; bits 3-4 = i % 4 and (row / 4) % 8 = 2b + h flips bits 0-2.
+    QD static int swz(int row) {
+        return (row >> 2) & 7;
+    }
     template <class F> QD static void unit(const uint8_t *b, int i, F &&f) {
         const int h = i >> 2, l0 = 8 * (i & 3);
         const uint8_t *pa = b + 64 * h + l0, *pb = pa + 32, *ph = b + 128 + 32 * h + l0;
@@ -200,23 +239,39 @@ struct tr_q6_k {
 
 // --- kernels -------------------------------------------------------------------------------------
 
-// y[r] = W[r] . x: warp w of block b takes row b * MV_WARPS + w. x passes through shared memory
-// in tiles of MV_TILE elements (a multiple of every blck), read once per block for MV_WARPS rows.
-template <class Q>
+// Columns of x per pass and the x tile (elements per column) staged per pass: NC * tile * 4 bytes
+// of shared memory, 16 KiB for one column, 32 KiB for more. Every tile is a multiple of every
+// blck (256) and holds at least 1024 elements, 32 units of the largest kind, one per lane.
+__host__ __device__ constexpr int mv_tile(int nc) {
+    return nc == 1 ? MV_TILE : 2 * MV_TILE / nc;
+}
+
+// Y[c][r] = W[r] . X[c] for the n_cols (<= NC) columns of X [n_cols][k]; Y [n_cols][rows]. Warp w
+// of block b takes row b * MV_WARPS + w. The columns pass through shared memory in tiles of
+// mv_tile(NC) elements (swizzled, see the top), read once per block for MV_WARPS rows; each
+// weight is read once and multiplies all NC columns. Sums in F32 in a fixed order (per lane, then
+// the warp's butterfly): deterministic. Columns n_cols .. NC - 1 are zeros and are not stored.
+template <class Q, int NC>
 __global__ void __launch_bounds__(MV_WARPS *CUDA_WARP)
     matvec_kernel(const uint8_t *__restrict__ w, const float *__restrict__ x, float *__restrict__ y,
-                  int64_t rows, int64_t k, int64_t row_bytes) {
-    __shared__ float4 xs4[MV_TILE / 4];
+                  int64_t rows, int64_t k, int64_t row_bytes, int n_cols) {
+    constexpr int TILE = mv_tile(NC);
+    __shared__ float4 xs4[NC * TILE / 4];
     float *xs = reinterpret_cast<float *>(xs4);
     const int warp = (int)threadIdx.x / CUDA_WARP, lane = (int)threadIdx.x % CUDA_WARP;
     const int64_t r = (int64_t)blockIdx.x * MV_WARPS + warp;
     const uint8_t *row = w + (r < rows ? r : 0) * row_bytes;
-    float sum = 0.0f;
-    for (int64_t t0 = 0; t0 < k; t0 += MV_TILE) {
-        const int n = (int)(k - t0 < MV_TILE ? k - t0 : MV_TILE);
+    float sum[NC];
+#pragma unroll
+    for (int c = 0; c < NC; c++)
+        sum[c] = 0.0f;
+    for (int64_t t0 = 0; t0 < k; t0 += TILE) {
+        const int n = (int)(k - t0 < TILE ? k - t0 : TILE);
         __syncthreads(); // the previous tile is no longer read
-        for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x)
-            xs[i] = x[t0 + i];
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+            for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x)
+                xs[c * TILE + (i ^ Q::swz(i >> 5))] = c < n_cols ? x[c * k + t0 + i] : 0.0f;
         __syncthreads();
         if (r >= rows)
             continue;
@@ -225,13 +280,21 @@ __global__ void __launch_bounds__(MV_WARPS *CUDA_WARP)
 #pragma unroll 2 // two units' loads in flight per lane (and no spill on F32x4)
         for (int u = lane; u < nu; u += CUDA_WARP) {
             const int blk = u / Q::units, s = u % Q::units;
-            const float *xb = xs + blk * Q::blck;
-            Q::unit(tb + (int64_t)blk * Q::bytes, s, [&](int e, float v) { sum += v * xb[e]; });
+            const int xb = blk * Q::blck;
+            Q::unit(tb + (int64_t)blk * Q::bytes, s, [&](int e, float v) {
+                const int i = xb + e, j = i ^ Q::swz(i >> 5);
+#pragma unroll
+                for (int c = 0; c < NC; c++)
+                    sum[c] += v * xs[c * TILE + j];
+            });
         }
     }
-    sum = cuda_util_warp_sum(sum);
-    if (r < rows && lane == 0)
-        y[r] = sum;
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const float t = cuda_util_warp_sum(sum[c]); // every lane holds the same total
+        if (r < rows && lane == c && c < n_cols)
+            y[c * rows + r] = t;
+    }
 }
 
 // dst[i] = half(src[i]): one unit per thread, grid-stride.
@@ -247,19 +310,42 @@ __global__ void dequant_f16_kernel(const uint8_t *__restrict__ src, __half *__re
     }
 }
 
-template <class Q>
-int launch_matvec(const char *name, int64_t rows, int64_t k, const void *w, const float *x,
-                  float *y, cudaStream_t st) {
+template <class Q, int NC>
+int launch_matvec_nc(const char *name, int64_t rows, int64_t k, const void *w, int n_cols,
+                     const float *x, float *y, cudaStream_t st) {
     const int64_t blocks = (rows + MV_WARPS - 1) / MV_WARPS;
-    if (blocks > INT32_MAX)
-        return mr_err(MOERUN_ERR_INVALID_ARG, "cuda_matvec: %lld rows is too many",
-                      (long long)rows);
     const int64_t row_bytes = k / Q::blck * Q::bytes;
-    matvec_kernel<Q><<<(unsigned)blocks, MV_WARPS * CUDA_WARP, 0, st>>>(
-        static_cast<const uint8_t *>(w), x, y, rows, k, row_bytes);
+    matvec_kernel<Q, NC><<<(unsigned)blocks, MV_WARPS * CUDA_WARP, 0, st>>>(
+        static_cast<const uint8_t *>(w), x, y, rows, k, row_bytes, n_cols);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess)
         return cuda_util_err(e, name);
+    return MOERUN_OK;
+}
+
+// The n columns in passes of at most MV_MAX_COLS, each pass on the narrowest kernel that holds it.
+template <class Q>
+int launch_matvec(const char *name, int64_t rows, int64_t k, const void *w, int64_t n,
+                  const float *x, float *y, cudaStream_t st) {
+    if ((rows + MV_WARPS - 1) / MV_WARPS > CUDA_GRID_X_MAX)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "cuda_matvec: %lld rows is too many",
+                      (long long)rows);
+    for (int64_t c0 = 0; c0 < n; c0 += MV_MAX_COLS) {
+        const int nc = (int)(n - c0 < MV_MAX_COLS ? n - c0 : MV_MAX_COLS);
+        const float *xc = x + c0 * k;
+        float *yc = y + c0 * rows;
+        int rc;
+        if (nc == 1)
+            rc = launch_matvec_nc<Q, 1>(name, rows, k, w, nc, xc, yc, st);
+        else if (nc == 2)
+            rc = launch_matvec_nc<Q, 2>(name, rows, k, w, nc, xc, yc, st);
+        else if (nc <= 4)
+            rc = launch_matvec_nc<Q, 4>(name, rows, k, w, nc, xc, yc, st);
+        else
+            rc = launch_matvec_nc<Q, MV_MAX_COLS>(name, rows, k, w, nc, xc, yc, st);
+        if (rc)
+            return rc;
+    }
     return MOERUN_OK;
 }
 
@@ -281,14 +367,15 @@ struct type_desc {
     int type;
     const char *name;
     int blck;  // elements per block
+    int bytes; // bytes per block
     int align; // required alignment of the weights, bytes
 };
 
 const type_desc type_descs[] = {
-    {MOERUN_TYPE_F32, "F32", 1, 4},      {MOERUN_TYPE_F16, "F16", 1, 2},
-    {MOERUN_TYPE_BF16, "BF16", 1, 2},    {MOERUN_TYPE_Q8_0, "Q8_0", 32, 2},
-    {MOERUN_TYPE_Q4_0, "Q4_0", 32, 2},   {MOERUN_TYPE_Q4_K, "Q4_K", 256, 16},
-    {MOERUN_TYPE_Q5_K, "Q5_K", 256, 16}, {MOERUN_TYPE_Q6_K, "Q6_K", 256, 2},
+    {MOERUN_TYPE_F32, "F32", 1, 4, 4},        {MOERUN_TYPE_F16, "F16", 1, 2, 2},
+    {MOERUN_TYPE_BF16, "BF16", 1, 2, 2},      {MOERUN_TYPE_Q8_0, "Q8_0", 32, 34, 2},
+    {MOERUN_TYPE_Q4_0, "Q4_0", 32, 18, 2},    {MOERUN_TYPE_Q4_K, "Q4_K", 256, 144, 16},
+    {MOERUN_TYPE_Q5_K, "Q5_K", 256, 176, 16}, {MOERUN_TYPE_Q6_K, "Q6_K", 256, 210, 2},
 };
 
 // The checks shared by both entry points; returns the type's entry through *out.
@@ -313,13 +400,28 @@ int check_args(const char *fn, int type, int64_t rows, int64_t k, const void *w,
 
 } // namespace
 
-extern "C" int cuda_matvec(int type, int64_t rows, int64_t k, const void *w, const float *x,
-                           float *y, void *stream) {
+extern "C" int cuda_check_weights(const char *fn, int type, int64_t rows, int64_t k,
+                                  const void *w) {
+    const type_desc *d;
+    return check_args(fn, type, rows, k, w, &d);
+}
+
+extern "C" int64_t cuda_row_bytes(int type, int64_t k) {
+    for (const type_desc &t : type_descs)
+        if (t.type == type)
+            return k % t.blck == 0 ? k / t.blck * t.bytes : 0;
+    return 0;
+}
+
+extern "C" int cuda_matvec_n(int type, int64_t rows, int64_t k, const void *w, int64_t n,
+                             const float *x, float *y, void *stream) {
     const type_desc *d;
     int rc = check_args("cuda_matvec", type, rows, k, w, &d);
     if (rc)
         return rc;
-    if (rows == 0)
+    if (n < 0)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "cuda_matvec: %lld columns", (long long)n);
+    if (rows == 0 || n == 0)
         return MOERUN_OK;
     cudaStream_t st = cuda_util_stream(stream);
     // float types: 16-byte vector loads when every row starts 16-byte aligned
@@ -327,29 +429,34 @@ extern "C" int cuda_matvec(int type, int64_t rows, int64_t k, const void *w, con
     switch (type) {
     case MOERUN_TYPE_F32:
         if (aligned && k % 4 == 0)
-            return launch_matvec<tr_f32<4>>("matvec_f32x4", rows, k, w, x, y, st);
-        return launch_matvec<tr_f32<1>>("matvec_f32", rows, k, w, x, y, st);
+            return launch_matvec<tr_f32<4>>("matvec_f32x4", rows, k, w, n, x, y, st);
+        return launch_matvec<tr_f32<1>>("matvec_f32", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_F16:
         if (aligned && k % 8 == 0)
-            return launch_matvec<tr_h16<8, false>>("matvec_f16x8", rows, k, w, x, y, st);
-        return launch_matvec<tr_h16<1, false>>("matvec_f16", rows, k, w, x, y, st);
+            return launch_matvec<tr_h16<8, false>>("matvec_f16x8", rows, k, w, n, x, y, st);
+        return launch_matvec<tr_h16<1, false>>("matvec_f16", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_BF16:
         if (aligned && k % 8 == 0)
-            return launch_matvec<tr_h16<8, true>>("matvec_bf16x8", rows, k, w, x, y, st);
-        return launch_matvec<tr_h16<1, true>>("matvec_bf16", rows, k, w, x, y, st);
+            return launch_matvec<tr_h16<8, true>>("matvec_bf16x8", rows, k, w, n, x, y, st);
+        return launch_matvec<tr_h16<1, true>>("matvec_bf16", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_Q8_0:
-        return launch_matvec<tr_q8_0>("matvec_q8_0", rows, k, w, x, y, st);
+        return launch_matvec<tr_q8_0>("matvec_q8_0", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_Q4_0:
-        return launch_matvec<tr_q4_0>("matvec_q4_0", rows, k, w, x, y, st);
+        return launch_matvec<tr_q4_0>("matvec_q4_0", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_Q4_K:
-        return launch_matvec<tr_qk45<false>>("matvec_q4_K", rows, k, w, x, y, st);
+        return launch_matvec<tr_qk45<false>>("matvec_q4_K", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_Q5_K:
-        return launch_matvec<tr_qk45<true>>("matvec_q5_K", rows, k, w, x, y, st);
+        return launch_matvec<tr_qk45<true>>("matvec_q5_K", rows, k, w, n, x, y, st);
     case MOERUN_TYPE_Q6_K:
-        return launch_matvec<tr_q6_k>("matvec_q6_K", rows, k, w, x, y, st);
+        return launch_matvec<tr_q6_k>("matvec_q6_K", rows, k, w, n, x, y, st);
     }
     return mr_err(MOERUN_ERR_INTERNAL, "cuda_matvec: type %d in the table but not dispatched",
                   type);
+}
+
+extern "C" int cuda_matvec(int type, int64_t rows, int64_t k, const void *w, const float *x,
+                           float *y, void *stream) {
+    return cuda_matvec_n(type, rows, k, w, 1, x, y, stream);
 }
 
 extern "C" int cuda_dequant_f16(int type, int64_t n, const void *src, void *dst, void *stream) {
