@@ -1,6 +1,10 @@
 /* Models: open a GGUF file, read the hyper-parameters under the architecture's key prefix,
  * and summarise the tensors (bytes by type, expert bytes per layer). */
 #include "model.h"
+#include "backend.h"
+#ifdef MOERUN_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 #include "gguf.h"
 #include "internal.h"
 #include "tokenizer.h"
@@ -175,6 +179,39 @@ static int summarise_tensors(moerun_model *m) {
     return MOERUN_OK;
 }
 
+int moerun_device_count(int device) {
+    if (device == MOERUN_DEVICE_CPU || device == MOERUN_DEVICE_SIM)
+        return 1;
+#ifdef MOERUN_HAVE_CUDA
+    int n = 0;
+    if (device == MOERUN_DEVICE_CUDA && cuda_device_count(&n) == MOERUN_OK)
+        return n;
+#endif
+    return 0;
+}
+
+/* The device sessions compute on: its root instance (the tiers use it; sessions clone it). */
+static int backend_open(moerun_model *m) {
+    const moerun_model_params *p = &m->params;
+    if (p->device < MOERUN_DEVICE_CPU || p->device > MOERUN_DEVICE_SIM)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "model: unknown device %d", p->device);
+    if (p->device != MOERUN_DEVICE_CPU && p->use_mmap)
+        return mr_err(MOERUN_ERR_INVALID_ARG,
+                      "model: use_mmap computes from the page cache on the CPU; it does not "
+                      "combine with a GPU");
+    static const enum mr_backend_kind kinds[] = {MR_BACKEND_CPU, MR_BACKEND_CUDA, MR_BACKEND_SIM};
+    struct mr_backend_config cfg = {
+        .kind = kinds[p->device],
+        .device = p->gpu_index,
+        .n_threads = 1, /* sessions make their own pools */
+        .allocator = p->allocator,
+    };
+    int rc = mr_backend_create(&cfg, &m->be);
+    if (rc == MOERUN_OK && p->device != MOERUN_DEVICE_CPU)
+        mr_log_info("model: computing on %s", m->be->ops->describe(m->be));
+    return rc;
+}
+
 int moerun_model_open(const char *path, const moerun_model_params *params, moerun_model **out) {
     mr_err_clear();
     if (!out)
@@ -203,7 +240,11 @@ int moerun_model_open(const char *path, const moerun_model_params *params, moeru
             rc = MOERUN_OK; /* no tokenizer: token ids only */
     }
     if (rc == MOERUN_OK && !m->params.metadata_only)
+        rc = backend_open(m);
+    if (rc == MOERUN_OK && !m->params.metadata_only)
         rc = weights_load(m, path);
+    if (rc == MOERUN_OK && m->w && !m->cw)
+        m->cw = m->w;
     if (rc != MOERUN_OK) {
         moerun_model_close(m);
         return rc;
@@ -226,6 +267,7 @@ void moerun_model_close(moerun_model *m) {
     const moerun_allocator *a = m->params.allocator;
     offload_close(m);
     weights_free(m);
+    mr_backend_destroy(m->be);
     vocab_free(m->vocab);
     gguf_close(m->gguf);
     mr_free(a, m->layers);

@@ -25,6 +25,9 @@ struct moerun_model {
     struct mr_vocab *vocab;       /* NULL when the file has no tokenizer */
     struct mr_weights *w;         /* NULL when opened metadata-only */
     struct mr_offload *offload;   /* the tiers; NULL without a host budget (all resident) */
+    struct mr_backend *be;        /* the device sessions compute on (their instances are clones) */
+    const struct mr_weights *cw;  /* the weights as that device sees them: w, or on a GPU a copy
+                                     pointing at device memory (tok_embd stays on the host) */
 };
 
 #endif /* MOERUN_MODEL_H */

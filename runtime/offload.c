@@ -1,6 +1,7 @@
 /* Offloading: resident parts, sections and their slot layout, and the glue between the
  * scheduler and the NVMe tier. */
 #include "offload.h"
+#include "offload_impl.h"
 #include "internal.h"
 #include "model.h"
 #include "scheduler.h"
@@ -34,26 +35,9 @@ static const size_t expert_fields[3] = {
     offsetof(struct mr_layer, down_exps),
 };
 
-#define FIELD(l, off) ((struct mr_weight *)((uint8_t *)(l) + (off)))
+#define FIELD OFFLOAD_FIELD
 
-struct mr_offload {
-    struct tier_host *host;
-    struct tier_nvme *nvme;
-    struct sched *sched;
-    struct sched_section *sections; /* [L + L*E] */
-    uint32_t n_sections;
-    uint32_t n_layer, n_expert;
-    struct mr_layer *dense_at; /* [L]: data = offset of the tensor in its slot */
-    uint64_t (*expert_at)[3];  /* [L*E]: offsets of gate, up, down in the slot */
-    uint8_t *resident;         /* embeddings, output, routers and their norms */
-    uint64_t resident_bytes;
-    int prefetch_layers;
-    struct tier_nvme_stats nvme_base; /* the NVMe counters at the last reset */
-    pthread_mutex_t run_lock;
-    const moerun_allocator *a;
-};
-
-static uint64_t tensor_bytes(const struct mr_weight *w) {
+uint64_t offload_tensor_bytes(const struct mr_weight *w) {
     return w->matrix_bytes * w->ne[2] * w->ne[3];
 }
 
@@ -85,7 +69,7 @@ static void build_sections(struct mr_offload *o, const struct mr_weights *w) {
             const struct mr_weight *f = FIELD(l, dense_fields[i]);
             if (!f->row_bytes)
                 continue;
-            uint64_t at = section_add(sec, file_offset(f), tensor_bytes(f));
+            uint64_t at = section_add(sec, file_offset(f), offload_tensor_bytes(f));
             FIELD(&o->dense_at[il], dense_fields[i])->data = (const uint8_t *)(uintptr_t)at;
         }
         for (uint32_t e = 0; e < E; e++) {
@@ -119,7 +103,7 @@ static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
             list[n++] = FIELD(&w->layers[il], resident_fields[i]);
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++)
-        total += (tensor_bytes(list[i]) + 63) & ~(uint64_t)63;
+        total += (offload_tensor_bytes(list[i]) + 63) & ~(uint64_t)63;
     o->resident_bytes = total;
     o->resident = mr_alloc(o->a, total, 64);
     int rc = MOERUN_OK;
@@ -128,7 +112,7 @@ static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
                     (unsigned long long)total);
     uint64_t at = 0;
     for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
-        const uint64_t bytes = tensor_bytes(list[i]), off = file_offset(list[i]);
+        const uint64_t bytes = offload_tensor_bytes(list[i]), off = file_offset(list[i]);
         for (uint64_t done = 0; done < bytes && rc == MOERUN_OK;) {
             ssize_t got = pread(fd, o->resident + at + done, bytes - done, (off_t)(off + done));
             if (got < 0 && errno == EINTR)
@@ -154,7 +138,7 @@ static void on_read_done(void *user, uint64_t tag, int status, const char *msg) 
     sched_load_done(o->sched, tag, status, msg);
 }
 
-static int load_section(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
+int offload_read_section(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
     struct mr_offload *o = ctx;
     struct tier_read reads[SCHED_MAX_RANGES];
     for (uint32_t i = 0; i < sec->n_ranges; i++) {
@@ -165,9 +149,11 @@ static int load_section(void *ctx, const struct sched_section *sec, void *dst, u
     return tier_nvme_submit(o->nvme, reads, sec->n_ranges, tag);
 }
 
-static void fmt_bytes(char *buf, size_t size, uint64_t b) {
+void offload_fmt_bytes(char *buf, size_t size, uint64_t b) {
     snprintf(buf, size, "%llu bytes (%.1f MiB)", (unsigned long long)b, b / 1048576.0);
 }
+
+static int open_host_slots(struct mr_offload *o, struct moerun_model *m, const char *path);
 
 int offload_open(struct moerun_model *m, const char *path) {
     struct mr_weights *w = m->w;
@@ -201,7 +187,15 @@ int offload_open(struct moerun_model *m, const char *path) {
     close(fd);
     if (rc != MOERUN_OK)
         return rc;
+    if (m->params.device != MOERUN_DEVICE_CPU)
+        return offload_gpu_open(o, m, path);
+    return open_host_slots(o, m, path);
+}
 
+/* The CPU computes from host slots filled by the NVMe tier. */
+static int open_host_slots(struct mr_offload *o, struct moerun_model *m, const char *path) {
+    const struct mr_weights *w = m->w;
+    int rc;
     struct sched_params sp = {
         .n_layer = o->n_layer,
         .n_expert = o->n_expert,
@@ -214,10 +208,10 @@ int offload_open(struct moerun_model *m, const char *path) {
     const uint64_t need = o->resident_bytes + min_slots;
     if (m->params.host_bytes < need) {
         char b1[64], b2[64], b3[64], b4[64];
-        fmt_bytes(b1, sizeof(b1), m->params.host_bytes);
-        fmt_bytes(b2, sizeof(b2), need);
-        fmt_bytes(b3, sizeof(b3), o->resident_bytes);
-        fmt_bytes(b4, sizeof(b4), min_slots);
+        offload_fmt_bytes(b1, sizeof(b1), m->params.host_bytes);
+        offload_fmt_bytes(b2, sizeof(b2), need);
+        offload_fmt_bytes(b3, sizeof(b3), o->resident_bytes);
+        offload_fmt_bytes(b4, sizeof(b4), min_slots);
         return mr_err(MOERUN_ERR_BUDGET,
                       "host budget of %s is below the minimum for this model, %s (resident "
                       "embeddings, output and routers %s + the fewest slots %s)",
@@ -240,7 +234,7 @@ int offload_open(struct moerun_model *m, const char *path) {
         return rc;
     sp.region = tier_host_base(o->host);
     sp.region_bytes = tier_host_bytes(o->host);
-    struct sched_loader loader = {load_section, o};
+    struct sched_loader loader = {offload_read_section, o};
     if ((rc = sched_create(&sp, o->sections, o->n_sections, loader, &o->sched)) != MOERUN_OK)
         return rc;
     mr_log_info("offload: host tier %s (%s), resident %llu bytes, O_DIRECT %s",
@@ -254,6 +248,7 @@ void offload_close(struct moerun_model *m) {
     if (!o)
         return;
     sched_destroy(o->sched); /* waits for the loads in flight */
+    offload_gpu_close(o);    /* the stage and the GPU tier (nothing without a GPU) */
     tier_nvme_close(o->nvme);
     tier_host_destroy(o->host);
     pthread_mutex_destroy(&o->run_lock);
@@ -276,6 +271,8 @@ void offload_unlock(struct mr_offload *o) {
 int offload_layer_acquire(struct mr_offload *o, uint32_t il, struct mr_layer *view) {
     const void *base;
     int rc = sched_dense_acquire(o->sched, il, &base);
+    if (rc == MOERUN_OK && o->dev && (rc = offload_gpu_acquire(o, base, &o->dense_slot[il])))
+        sched_dense_release(o->sched, il);
     if (rc != MOERUN_OK)
         return rc;
     *view = o->dense_at[il];
@@ -288,6 +285,8 @@ int offload_layer_acquire(struct mr_offload *o, uint32_t il, struct mr_layer *vi
 }
 
 void offload_layer_release(struct mr_offload *o, uint32_t il) {
+    if (o->dev)
+        offload_gpu_release(o, o->dense_slot[il]);
     sched_dense_release(o->sched, il);
 }
 
@@ -299,6 +298,8 @@ int offload_experts_next(struct mr_offload *o, uint32_t il, int32_t *expert,
                          struct mr_expert_ptrs *p) {
     const void *base;
     int rc = sched_experts_next(o->sched, il, expert, &base);
+    if (rc == MOERUN_OK && o->dev && (rc = offload_gpu_acquire(o, base, &o->expert_slot[*expert])))
+        sched_expert_release(o->sched, il, *expert);
     if (rc != MOERUN_OK)
         return rc;
     const uint64_t *at = o->expert_at[il * o->n_expert + (uint32_t)*expert];
@@ -309,6 +310,8 @@ int offload_experts_next(struct mr_offload *o, uint32_t il, int32_t *expert,
 }
 
 void offload_expert_release(struct mr_offload *o, uint32_t il, int32_t expert) {
+    if (o->dev)
+        offload_gpu_release(o, o->expert_slot[expert]);
     sched_expert_release(o->sched, il, expert);
 }
 
@@ -354,6 +357,8 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
     st.n_layer = o->n_layer;
     st.layer_hits = ss.layer_hits;
     st.layer_misses = ss.layer_misses;
+    if (o->dev)
+        offload_gpu_get_stats(o, &st);
     size_t n = MR_MIN(out->struct_size, sizeof(st));
     memcpy(out, &st, n);
     out->struct_size = n;
@@ -362,4 +367,6 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
 void offload_reset_stats(struct mr_offload *o) {
     sched_reset_stats(o->sched);
     tier_nvme_get_stats(o->nvme, &o->nvme_base);
+    if (o->dev)
+        offload_gpu_reset_stats(o);
 }

@@ -46,6 +46,12 @@ void offload_predict(struct mr_offload *o, uint32_t il, const float *probs);
 /* Whether predictions are wanted, and how many layers ahead. */
 int offload_prefetch_layers(const struct mr_offload *o);
 
+/* With a GPU tier: whether there is one, and backend memory from its budget for a session's
+ * KV cache and scratch (MOERUN_ERR_BUDGET naming what is left), given back with unreserve. */
+bool offload_has_device(const struct mr_offload *o);
+int offload_device_reserve(struct mr_offload *o, uint64_t bytes, void **out);
+void offload_device_unreserve(struct mr_offload *o, void *p);
+
 void offload_get_stats(const struct mr_offload *o, moerun_stats *out);
 void offload_reset_stats(struct mr_offload *o);
 

@@ -14,32 +14,40 @@ void moerun_session_params_init(moerun_session_params *p) {
     p->struct_size = sizeof(*p);
 }
 
-/* The byte size of every scratch buffer, laid out in one arena (64-byte aligned pieces). */
+/* The byte size of every scratch buffer, laid out in one arena (256-byte aligned pieces). */
 struct layout {
     size_t offset;
 };
 
 static void *take(struct layout *lay, uint8_t *base, size_t bytes) {
     size_t at = lay->offset;
-    lay->offset += (bytes + 63) & ~(size_t)63;
+    lay->offset += (bytes + 255) & ~(size_t)255;
     return base ? base + at : NULL;
 }
 
-/* Largest activation scratch any product of the model needs for n tokens. */
-static size_t act_bytes(const struct mr_weights *w, uint32_t n) {
-    size_t max = cpu_act_bytes(w->output.type, (int64_t)w->output.ne[0], n);
-    for (uint32_t il = 0; il < w->hp.n_layer; il++) {
-        const struct mr_weight *first = &w->layers[il].attn_norm;
-        size_t count = sizeof(struct mr_layer) / sizeof(struct mr_weight);
-        for (size_t i = 0; i < count; i++) {
-            if (first[i].data && first[i].type != MOERUN_TYPE_F32)
-                max = MR_MAX(max, cpu_act_bytes(first[i].type, (int64_t)first[i].ne[0], n));
+/* What the products of the model need of a backend workspace for n_batch tokens. */
+static void workspace_need(const struct mr_weights *w, uint32_t n_batch, uint32_t n_ctx,
+                           struct mr_workspace_need *need) {
+    memset(need, 0, sizeof(*need));
+    need->n_batch = n_batch;
+    need->n_ctx = n_ctx;
+    const size_t count = sizeof(struct mr_layer) / sizeof(struct mr_weight);
+    for (uint32_t il = 0; il <= w->hp.n_layer; il++) {
+        /* every layer's tensors, then the output matrix */
+        const struct mr_weight *first = il < w->hp.n_layer ? &w->layers[il].attn_norm : &w->output;
+        for (size_t i = 0; i < (il < w->hp.n_layer ? count : 1); i++) {
+            const struct mr_weight *t = &first[i];
+            if (!t->row_bytes || (t->ne[1] <= 1 && t->type == MOERUN_TYPE_F32 && t->ne[2] <= 1))
+                continue; /* absent, or a vector (norms, biases) */
+            need->types |= (uint64_t)1 << t->type;
+            need->max_k = MR_MAX(need->max_k, (int64_t)t->ne[0]);
+            need->max_rows = MR_MAX(need->max_rows, (int64_t)t->ne[1]);
+            need->max_elements = MR_MAX(need->max_elements, (int64_t)(t->ne[0] * t->ne[1]));
         }
     }
-    return max;
 }
 
-/* Lay out (base NULL: only measure) the caches and scratch; returns the total bytes. */
+/* Lay out (base NULL: only measure) the caches and the backend scratch; returns the bytes. */
 static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     const struct mr_hparams *hp = &s->w->hp;
     const size_t nb = s->n_batch, d = hp->n_embd, hd = hp->head_dim;
@@ -56,13 +64,11 @@ static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     b->k = take(&lay, base, nb * kvd * f);
     b->v = take(&lay, base, nb * kvd * f);
     b->att = take(&lay, base, nb * qd * f);
-    b->scores = take(&lay, base, (size_t)s->n_threads * s->n_ctx * f);
-    b->rope = take(&lay, base, nb * hp->n_rot * f);
     b->probs = take(&lay, base, nb * E * f);
     b->sel = take(&lay, base, nb * K * sizeof(int32_t));
     b->sel_w = take(&lay, base, nb * K * f);
-    b->route_start = take(&lay, base, (E + 1) * sizeof(uint32_t));
-    b->route_rows = take(&lay, base, nb * K * sizeof(uint32_t));
+    b->tok_of = take(&lay, base, nb * K * sizeof(int32_t));
+    b->row_of = take(&lay, base, nb * K * sizeof(int32_t));
     b->xe = take(&lay, base, nb * d * f);
     b->ge = take(&lay, base, nb * ff * f);
     b->ue = take(&lay, base, nb * ff * f);
@@ -70,9 +76,41 @@ static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     b->slots = take(&lay, base, nb * K * d * f);
     b->sh_g = take(&lay, base, nb * f);
     b->pred = take(&lay, base, nb * E * f);
-    b->need = take(&lay, base, E * sizeof(int32_t));
-    b->act = take(&lay, base, act_bytes(s->w, s->n_batch));
+    b->logits = s->be->host_memory ? NULL : take(&lay, base, (size_t)s->n_logits * hp->n_vocab * f);
+    b->ws = take(&lay, base, s->ws_bytes);
     return lay.offset;
+}
+
+/* The same for the host side. */
+static size_t lay_out_host(struct moerun_session *s, uint8_t *base) {
+    const struct mr_hparams *hp = &s->w->hp;
+    const size_t nb = s->n_batch, E = hp->n_expert, K = hp->n_expert_used;
+    struct layout lay = {0};
+    struct mr_host_scratch *h = &s->hs;
+    h->x = take(&lay, base, nb * hp->n_embd * sizeof(float));
+    h->sel = take(&lay, base, nb * K * sizeof(int32_t));
+    h->sel_w = take(&lay, base, nb * K * sizeof(float));
+    h->route_start = take(&lay, base, (E + 1) * sizeof(uint32_t));
+    h->route_rows = take(&lay, base, nb * K * sizeof(uint32_t));
+    h->tok_of = take(&lay, base, nb * K * sizeof(int32_t));
+    h->pred = take(&lay, base, nb * E * sizeof(float));
+    h->need = take(&lay, base, E * sizeof(int32_t));
+    return lay.offset;
+}
+
+uint64_t session_backend_bytes(const struct mr_weights *w, struct mr_backend *be, uint32_t n_ctx,
+                               uint32_t n_batch) {
+    struct moerun_session s;
+    memset(&s, 0, sizeof(s));
+    s.w = w;
+    s.be = be;
+    s.n_ctx = n_ctx;
+    s.n_batch = MR_MIN(n_batch, n_ctx);
+    s.n_logits = be->host_memory ? s.n_batch : MR_MIN(s.n_batch, 32u);
+    struct mr_workspace_need need;
+    workspace_need(w, s.n_batch, n_ctx, &need);
+    s.ws_bytes = be->ops->workspace_bytes(be, &need);
+    return lay_out(&s, NULL);
 }
 
 int moerun_session_create(moerun_model *model, const moerun_session_params *params,
@@ -108,23 +146,38 @@ int moerun_session_create(moerun_model *model, const moerun_session_params *para
     if (!s)
         return mr_err(MOERUN_ERR_NOMEM, "session: out of memory");
     s->model = model;
-    s->w = model->w;
+    s->w = model->cw;
     s->n_ctx = n_ctx;
     s->n_batch = n_batch;
     s->n_threads = n_threads;
-    s->isa = cpu_isa_best();
-    rc = cpu_pool_create(n_threads, &s->pool);
-    if (rc != MOERUN_OK)
+    if ((rc = model->be->ops->clone(model->be, n_threads, &s->be)) != MOERUN_OK)
         goto fail;
+    s->n_logits = s->be->host_memory ? n_batch : MR_MIN(n_batch, 32u);
+    struct mr_workspace_need need;
+    workspace_need(s->w, n_batch, n_ctx, &need);
+    s->ws_bytes = s->be->ops->workspace_bytes(s->be, &need);
+
     size_t bytes = lay_out(s, NULL);
-    s->arena = mr_alloc(a, bytes, 64);
-    if (!s->arena) {
-        rc = mr_err(MOERUN_ERR_NOMEM,
-                    "session: cannot allocate %zu bytes for the KV cache (%u tokens) and scratch",
-                    bytes, n_ctx);
+    if (model->offload && offload_has_device(model->offload)) {
+        rc = offload_device_reserve(model->offload, bytes, &s->arena);
+        if (rc != MOERUN_OK)
+            goto fail;
+        s->arena_tier = true;
+    } else if ((rc = s->be->ops->alloc(s->be, bytes, &s->arena)) != MOERUN_OK) {
+        rc = mr_err(rc,
+                    "session: cannot allocate %zu bytes for the KV cache (%u tokens) and "
+                    "scratch: %s",
+                    bytes, n_ctx, moerun_errmsg());
         goto fail;
     }
     lay_out(s, s->arena);
+    s->be->ops->set_workspace(s->be, s->s.ws, s->ws_bytes);
+    bytes = lay_out_host(s, NULL);
+    if (!(s->host_arena = mr_alloc(a, bytes, 64))) {
+        rc = mr_err(MOERUN_ERR_NOMEM, "session: cannot allocate %zu bytes of host scratch", bytes);
+        goto fail;
+    }
+    lay_out_host(s, s->host_arena);
     *out = s;
     return MOERUN_OK;
 fail:
@@ -136,8 +189,12 @@ void moerun_session_destroy(moerun_session *s) {
     if (!s)
         return;
     const moerun_allocator *a = s->model->params.allocator;
-    cpu_pool_destroy(s->pool);
-    mr_free(a, s->arena);
+    if (s->arena_tier)
+        offload_device_unreserve(s->model->offload, s->arena);
+    else if (s->be)
+        s->be->ops->free(s->be, s->arena);
+    mr_backend_destroy(s->be);
+    mr_free(a, s->host_arena);
     mr_free(a, s);
 }
 

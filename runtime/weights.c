@@ -322,7 +322,8 @@ int weights_load(struct moerun_model *m, const char *path) {
         rc = bind_layer(g, arch, hp, il, &w->layers[il]);
     if (rc != MOERUN_OK)
         return rc;
-    if (m->params.host_bytes) /* tiers: the weights stay in the file */
+    /* tiers (a host budget, or a GPU): the weights stay in the file */
+    if (m->params.host_bytes || m->params.device != MOERUN_DEVICE_CPU)
         return offload_open(m, path);
     rc = m->params.use_mmap ? map_data(w, g, path) : read_data(w, g, path, a);
     if (rc != MOERUN_OK)

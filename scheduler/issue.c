@@ -145,6 +145,7 @@ static void finish(struct sched *s, uint32_t sec, int status, const char *msg) {
         t->state = SCHED_RESIDENT;
     } else {
         t->state = SCHED_FAILED;
+        t->fail_status = status;
         snprintf(slot_msg(s, sec, t->slot), SCHED_MSG, "%s",
                  msg && *msg ? msg : moerun_status_str(status));
     }
@@ -156,11 +157,12 @@ int sched_take_failure(struct sched *s, uint32_t sec) {
     char msg[SCHED_MSG];
     memcpy(msg, slot_msg(s, sec, s->st[sec].slot), SCHED_MSG);
     msg[SCHED_MSG - 1] = 0;
+    const int status = s->st[sec].fail_status < 0 ? s->st[sec].fail_status : MOERUN_ERR_IO;
     sched_evict(s, sec);
     const struct sched_section *c = &s->sections[sec];
     if (c->expert < 0)
-        return mr_err(MOERUN_ERR_IO, "sched: loading layer %u dense part: %s", c->layer, msg);
-    return mr_err(MOERUN_ERR_IO, "sched: loading layer %u expert %d: %s", c->layer, c->expert, msg);
+        return mr_err(status, "sched: loading layer %u dense part: %s", c->layer, msg);
+    return mr_err(status, "sched: loading layer %u expert %d: %s", c->layer, c->expert, msg);
 }
 
 static uint64_t now_ns(void) {

@@ -226,6 +226,17 @@ void sched_get_layout(const struct sched *s, struct sched_layout *out) {
     out->expert_slot_bytes = s->eslot_bytes;
 }
 
+int32_t sched_slot_index(const struct sched *s, const void *base) {
+    const uint8_t *b = base;
+    if (s->dslot_bytes && b >= s->dbase && b < s->dbase + s->n_dslots * s->dslot_bytes &&
+        (uint64_t)(b - s->dbase) % s->dslot_bytes == 0)
+        return (int32_t)((uint64_t)(b - s->dbase) / s->dslot_bytes);
+    if (s->eslot_bytes && b >= s->ebase && b < s->ebase + s->n_eslots * s->eslot_bytes &&
+        (uint64_t)(b - s->ebase) % s->eslot_bytes == 0)
+        return (int32_t)(s->n_dslots + (uint64_t)(b - s->ebase) / s->eslot_bytes);
+    return -1;
+}
+
 enum sched_state sched_section_state(const struct sched *s, uint32_t layer, int32_t expert) {
     if (!s || layer >= s->p.n_layer || expert >= (int32_t)s->p.n_expert)
         return SCHED_ABSENT;

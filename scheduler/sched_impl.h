@@ -25,15 +25,16 @@
 #define SCHED_MSG 384 /* bytes of a failed load's message kept per slot */
 
 struct sec_state {
-    uint64_t last_use;  /* tick of the last request that needed it (or of its prefetch) */
-    uint64_t uses;      /* requests that needed it */
-    float score;        /* latest predicted score of its layer; 0 = none */
-    int32_t slot;       /* dense or expert slot, -1 = none */
-    uint32_t pins;      /* acquired / requested and not released */
-    uint8_t state;      /* enum sched_state */
-    uint8_t prefetched; /* loaded from a prediction and not needed since */
-    uint8_t pf_loading; /* its load in flight was started as a prefetch (counts in pf_in_flight) */
-    uint64_t qorder;    /* QUEUED: order of queueing (oldest starts first) */
+    uint64_t last_use;   /* tick of the last request that needed it (or of its prefetch) */
+    uint64_t uses;       /* requests that needed it */
+    float score;         /* latest predicted score of its layer; 0 = none */
+    int32_t slot;        /* dense or expert slot, -1 = none */
+    uint32_t pins;       /* acquired / requested and not released */
+    uint8_t state;       /* enum sched_state */
+    uint8_t prefetched;  /* loaded from a prediction and not needed since */
+    uint8_t pf_loading;  /* its load in flight was started as a prefetch (counts in pf_in_flight) */
+    uint64_t qorder;     /* QUEUED: order of queueing (oldest starts first) */
+    int32_t fail_status; /* FAILED: the load's status (what the waiting call returns) */
 };
 
 struct req_entry {

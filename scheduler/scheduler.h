@@ -116,9 +116,9 @@ void sched_load_done(struct sched *s, uint64_t tag, int status, const char *msg)
  * furthest in the future (never an acquired or loading one), which is slot l % R when R
  * divides n_layer. Release also starts the next load ahead into the released slot.
  * Returns MOERUN_OK and *base (the slot), or the error of a load this call waited for
- * (MOERUN_ERR_IO with its message; the section is left absent and the next call loads it
- * again). A load that failed before any call waited for it (a load ahead, a prefetch) is
- * simply started again when needed. */
+ * (the loader's status, MOERUN_ERR_IO for a read, MOERUN_ERR_BACKEND for an upload, with its
+ * message; the section is left absent and the next call loads it again). A load that failed before
+ * any call waited for it (a load ahead, a prefetch) is simply started again when needed. */
 int sched_dense_acquire(struct sched *s, uint32_t layer, const void **base);
 void sched_dense_release(struct sched *s, uint32_t layer);
 
@@ -132,7 +132,7 @@ int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *expert
 
 /* The next requested expert of layer l that is resident and not yet handed out (waits for one
  * when none is): *expert and *base. Returns MOERUN_OK, 1 when all requested were handed out,
- * or the error of one requested expert's load (MOERUN_ERR_IO with its message, reported once;
+ * or the error of one requested expert's load (the loader's status and message, reported once;
  * calling again loads it again), or MOERUN_ERR_INVALID_ARG when layer is not the one requested
  * or every slot holds a handed-out expert that was not released. Release each when computed
  * (frees its slot for the rest). */
@@ -164,6 +164,10 @@ struct sched_layout {
     uint64_t expert_slot_bytes;
 };
 void sched_get_layout(const struct sched *s, struct sched_layout *out);
+/* The slot whose memory starts at base (a pointer the scheduler handed out or gave the
+ * loader): dense slots are 0 .. n_dense_slots - 1, expert slots follow; -1 when base is not
+ * the start of a slot. The layout is fixed at creation, so this takes no lock. */
+int32_t sched_slot_index(const struct sched *s, const void *base);
 /* State of a section now (expert -1: the dense part); SCHED_ABSENT when out of range. */
 enum sched_state sched_section_state(const struct sched *s, uint32_t layer, int32_t expert);
 

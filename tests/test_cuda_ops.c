@@ -249,6 +249,68 @@ static void test_matmul_f16_gemm(void **state) {
     }
 }
 
+/* The batched matvec (passes of up to 8 columns) and the cuBLAS product with a scratch that holds
+ * only a few rows of W (several dequantize + GEMM chunks): Y[n][rows] against float64. */
+static void batched_case(int type, int64_t rows, int64_t k, int64_t n, size_t scratch_bytes) {
+    struct weights wt;
+    weights_make(&wt, type, rows, k);
+    float *x = malloc(sizeof(float) * (size_t)(n * k));
+    double *ref = malloc(sizeof(double) * (size_t)(n * rows));
+    assert_true(x && ref);
+    tu_fill_normal(&rng, x, (size_t)(n * k), 1.0f);
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t r = 0; r < rows; r++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < k; i++)
+                s += (double)wt.deq[r * k + i] * (double)x[c * k + i];
+            ref[c * rows + r] = s;
+        }
+    void *dw = dev_copy(wt.q, wt.bytes), *scratch = NULL;
+    float *dx = dev_copy(x, sizeof(float) * (size_t)(n * k));
+    float *dy = dev_poison(NULL, (size_t)(n * rows));
+    char what[96];
+    if (scratch_bytes == 0) {
+        assert_int_equal(cuda_matvec_n(type, rows, k, dw, n, dx, dy, stream), MOERUN_OK);
+        snprintf(what, sizeof(what), "matvec_n %s rows %lld k %lld n %lld",
+                 mr_type_info(type)->name, (long long)rows, (long long)k, (long long)n);
+    } else {
+        assert_int_equal(cuda_alloc(scratch_bytes, &scratch), MOERUN_OK);
+        assert_int_equal(
+            cuda_matmul_ws(cublas, type, rows, k, dw, n, dx, dy, scratch, scratch_bytes, stream),
+            MOERUN_OK);
+        snprintf(what, sizeof(what), "matmul_ws %s rows %lld k %lld n %lld, %zu scratch bytes",
+                 mr_type_info(type)->name, (long long)rows, (long long)k, (long long)n,
+                 scratch_bytes);
+    }
+    float *y = dev_fetch(dy, (size_t)(n * rows));
+    /* the fused kernel keeps x in F32 whatever the type; cuBLAS rounds to F16 but F32 */
+    const double tol = scratch_bytes == 0 || type == MOERUN_TYPE_F32 ? TOL_F32 : TOL_GEMM;
+    check_rel(what, y, ref, (size_t)(n * rows), tol);
+    free(y);
+    cuda_free(scratch);
+    cuda_free(dw);
+    cuda_free(dx);
+    cuda_free(dy);
+    free(x);
+    free(ref);
+    weights_free(&wt);
+}
+
+static void test_batched_products(void **state) {
+    (void)state;
+    static const int64_t ns[] = {2, 3, 4, 7, 8, 11, 19};
+    for (size_t t = 0; t < MR_ARRAY_LEN(all_types); t++)
+        for (size_t i = 0; i < MR_ARRAY_LEN(ns); i++)
+            batched_case(all_types[t], 37 + (int64_t)i, 768, ns[(t + i) % MR_ARRAY_LEN(ns)], 0);
+    batched_case(MOERUN_TYPE_F32, 13, 4099, 5, 0); /* scalar F32 path, past the tile */
+    /* chunks: X (n k halves) plus 5 rows of W, so 67 rows take 14 passes, the last of 2 rows */
+    for (size_t t = 0; t < MR_ARRAY_LEN(all_types); t++) {
+        const int64_t k = 512, n = 12;
+        const size_t sb = cuda_matmul_x_bytes(k, n) + 5 * (size_t)k * 2;
+        batched_case(all_types[t], 67, k, n, sb);
+    }
+}
+
 /* --- layer parts --------------------------------------------------------------------------- */
 
 static void test_rmsnorm(void **state) {
@@ -402,6 +464,7 @@ static void test_softmax_topk(void **state) {
     topk_case(1, 8, 2, true);
     topk_case(17, 128, 8, false);
     topk_case(5, 33, 1, false);
+    topk_case(2, 96, 32, true);
 }
 
 static void test_swiglu_add(void **state) {
@@ -565,10 +628,19 @@ static void test_bad_arguments(void **state) {
                      MOERUN_ERR_INVALID_ARG);
     assert_int_equal(cuda_matvec(MOERUN_TYPE_Q4_K, 1, 256, (char *)buf + 2, buf, buf, stream),
                      MOERUN_ERR_INVALID_ARG);
+    /* past the kernel's limits: unsupported; k > E or nothing to write: invalid */
     assert_int_equal(cuda_softmax_topk(buf, 1, 300, 2, true, NULL, (int32_t *)buf, buf, stream),
+                     MOERUN_ERR_UNSUPPORTED);
+    assert_int_equal(cuda_softmax_topk(buf, 1, 64, 33, true, NULL, (int32_t *)buf, buf, stream),
+                     MOERUN_ERR_UNSUPPORTED);
+    assert_int_equal(cuda_softmax_topk(buf, 1, 16, 17, true, NULL, (int32_t *)buf, buf, stream),
                      MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(cuda_softmax_topk(buf, 1, 16, 9, true, NULL, (int32_t *)buf, buf, stream),
+    assert_int_equal(cuda_softmax_topk(buf, 1, 16, 0, true, NULL, NULL, NULL, stream),
                      MOERUN_ERR_INVALID_ARG);
+    /* a scratch that holds less than X and one row of W */
+    assert_int_equal(
+        cuda_matmul_ws(cublas, MOERUN_TYPE_Q4_K, 4, 256, buf, 2, buf, buf, buf, 1024, stream),
+        MOERUN_ERR_INVALID_ARG);
     assert_int_equal(cuda_attention_decode(buf, buf, buf, buf, 6, 4, 64, 1, stream),
                      MOERUN_ERR_INVALID_ARG);
     assert_int_equal(cuda_attention_prompt(buf, buf, buf, buf, 1, 0, 4, 4, 512, stream),
@@ -614,6 +686,7 @@ int main(void) {
         cmocka_unit_test(test_matvec_every_type),
         cmocka_unit_test(test_dequant_f16),
         cmocka_unit_test(test_matmul_f16_gemm),
+        cmocka_unit_test(test_batched_products),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_softmax_topk),

@@ -92,9 +92,16 @@ static moerun_session *open_session(moerun_model *m, uint32_t n_ctx, uint32_t n_
     return s;
 }
 
+/* The device the forward pass runs on: MOERUN_TEST_DEVICE=cpu (default), sim or cuda (the
+ * same tests through the GPU path; all of the model on the GPU). */
+static int test_device = MOERUN_DEVICE_CPU;
+
 static moerun_model *open_model(const char *path) {
     moerun_model *m = NULL;
-    int rc = moerun_model_open(path, NULL, &m);
+    moerun_model_params mp;
+    moerun_model_params_init(&mp);
+    mp.device = test_device;
+    int rc = moerun_model_open(path, &mp, &m);
     if (rc != MOERUN_OK)
         fail_msg("moerun_model_open %s: %s (%s)", path, moerun_errmsg(), moerun_status_str(rc));
     return m;
@@ -645,6 +652,15 @@ static void test_bad_input(void **state) {
 }
 
 int main(void) {
+    const char *dev = getenv("MOERUN_TEST_DEVICE");
+    if (dev && !strcmp(dev, "cuda"))
+        test_device = MOERUN_DEVICE_CUDA;
+    else if (dev && !strcmp(dev, "sim"))
+        test_device = MOERUN_DEVICE_SIM;
+    if (moerun_device_count(test_device) == 0) {
+        fprintf(stderr, "no %s device: skipped\n", dev);
+        return 77;
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ref_vs_golden),     cmocka_unit_test(test_golden),
         cmocka_unit_test(test_batched_vs_single), cmocka_unit_test(test_synth_vs_ref),

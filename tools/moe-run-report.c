@@ -251,9 +251,27 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
         fprintf(f, "],\"layer_misses\":[");
         for (uint32_t l = 0; l < st->n_layer; l++)
             fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_misses[l]);
-        fprintf(f, "]}");
+        fprintf(f, "]");
+        if (st->gpu_bytes)
+            fprintf(f,
+                    ",\"gpu_bytes\":%llu,\"gpu_bytes_copied\":%llu,\"copy_bytes_per_token\":%.0f,"
+                    "\"copy_busy_ms\":%.3f,\"copy_gbps\":%.3f,\"host_hits\":%llu,"
+                    "\"host_misses\":%llu",
+                    (unsigned long long)st->gpu_bytes, (unsigned long long)st->gpu_bytes_copied,
+                    n_gen ? (double)st->gpu_bytes_copied / n_gen : 0.0, st->gpu_copy_busy_ns / 1e6,
+                    st->copy_gbps, (unsigned long long)st->host_hits,
+                    (unsigned long long)st->host_misses);
+        fprintf(f, "}");
         return;
     }
+    if (st->gpu_bytes)
+        fprintf(f,
+                "moe-run: GPU tier %.1f MiB; decode copied %.1f MiB to the GPU (%.2f MiB/token) "
+                "at %.2f GB/s while copying (%.0f ms busy); pinned host hits %llu, misses %llu\n",
+                st->gpu_bytes / 1048576.0, st->gpu_bytes_copied / 1048576.0,
+                n_gen ? st->gpu_bytes_copied / 1048576.0 / n_gen : 0.0, st->copy_gbps,
+                st->gpu_copy_busy_ns / 1e6, (unsigned long long)st->host_hits,
+                (unsigned long long)st->host_misses);
     fprintf(f,
             "moe-run: tiers: host %.1f MiB (%u dense slots, %u expert slots), O_DIRECT %s\n"
             "moe-run: prompt read %.1f MiB; decode read %.1f MiB (%.2f MiB/token), read %.2f "

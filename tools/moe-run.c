@@ -40,6 +40,10 @@ struct options {
     int n_batch;                /* 0 = the library's */
     moerun_sampler_params samp; /* sampling flags over the library's defaults */
     uint64_t host_mem;          /* --host-mem: host tier budget, bytes; 0 = all resident */
+    uint64_t gpu_mem;           /* --gpu-mem: GPU tier budget, bytes; 0 = automatic */
+    int device;                 /* --device: moerun_device; CPU unless --gpu-mem */
+    int device_set;             /* --device given */
+    int gpu_index;              /* --gpu N */
     int policy;                 /* --policy */
     int prefetch;               /* 0 with --no-prefetch */
     int prefetch_layers;        /* --prefetch-layers */
@@ -71,6 +75,12 @@ static void usage(FILE *f) {
            "  --host-mem SIZE         host memory for weights (e.g. 6G, 512M): the weights stay\n"
            "                          in the file and move through this much memory (default:\n"
            "                          read the whole model into memory)\n"
+           "  --device D              what computes: cpu, cuda or sim (the GPU path on the CPU,\n"
+           "                          for tests); default cpu, or cuda with --gpu-mem\n"
+           "  --gpu-mem SIZE          GPU memory for weights, KV cache and scratch (e.g. 8G):\n"
+           "                          weights move NVMe -> pinned host (--host-mem, default\n"
+           "                          automatic) -> GPU; 0 = the free memory less 1 GiB\n"
+           "  --gpu N                 which CUDA device (default 0)\n"
            "  --policy P              expert eviction: lru, lfu or predicted (default lru)\n"
            "  --no-prefetch           load experts only when needed (no prediction-driven loads)\n"
            "  --prefetch-layers N     layers predicted ahead (default 1)\n"
@@ -200,6 +210,17 @@ static int parse_policy(const char *s, int *out) {
     return 0;
 }
 
+static int parse_device(const char *s, int *out) {
+    static const char *const names[] = {"cpu", "cuda", "sim"};
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(s, names[i])) {
+            *out = i; /* moerun_device */
+            return 0;
+        }
+    fprintf(stderr, "moe-run: --device is cpu, cuda or sim, got '%s'\n", s);
+    return -1;
+}
+
 static int flag_is(const char *a, const char *short_name, const char *long_name) {
     return (short_name && !strcmp(a, short_name)) || !strcmp(a, long_name);
 }
@@ -254,7 +275,8 @@ static int parse_args(int argc, char **argv, struct options *o) {
                 !strcmp(a, "--min-p") || !strcmp(a, "--repeat-penalty") ||
                 !strcmp(a, "--repeat-last-n") || !strcmp(a, "--host-mem") ||
                 !strcmp(a, "--policy") || !strcmp(a, "--prefetch-layers") ||
-                !strcmp(a, "--trace-out"))
+                !strcmp(a, "--trace-out") || !strcmp(a, "--device") || !strcmp(a, "--gpu-mem") ||
+                !strcmp(a, "--gpu"))
                 fprintf(stderr, "moe-run: %s needs a value\n", a);
             else
                 fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
@@ -293,6 +315,14 @@ static int parse_args(int argc, char **argv, struct options *o) {
             rc = parse_int(a, val, 0, INT32_MAX, &o->samp.repeat_last_n);
         } else if (!strcmp(a, "--host-mem")) {
             rc = parse_size(a, val, &o->host_mem);
+        } else if (!strcmp(a, "--gpu-mem")) {
+            rc = parse_size(a, val, &o->gpu_mem);
+            o->device = o->device_set ? o->device : MOERUN_DEVICE_CUDA;
+        } else if (!strcmp(a, "--device")) {
+            rc = parse_device(val, &o->device);
+            o->device_set = 1;
+        } else if (!strcmp(a, "--gpu")) {
+            rc = parse_int(a, val, 0, 1024, &o->gpu_index);
         } else if (!strcmp(a, "--policy")) {
             rc = parse_policy(val, &o->policy);
         } else if (!strcmp(a, "--prefetch-layers")) {
@@ -482,6 +512,11 @@ static int tokenize_text(const moerun_model *m, const char *text, size_t len, in
 
 /* Decode the prompt, then sample, print and decode one token at a time until -n tokens, an
  * end-of-generation token or a full context. Returns the exit status. */
+/* Whether the weights go through tiers (so there are statistics to show). */
+static int tiered(const struct options *o) {
+    return o->host_mem || o->device != MOERUN_DEVICE_CPU;
+}
+
 static int generate(const struct options *o, moerun_model *m, const int32_t *prompt,
                     size_t n_prompt, const char *prompt_text, size_t prompt_len) {
     int status = 1, rc;
@@ -643,7 +678,7 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
         printf(",\"stats\":{\"prompt_tokens\":%zu,\"prompt_ms\":%.3f,\"prompt_tps\":%.2f,"
                "\"gen_tokens\":%zu,\"gen_ms\":%.3f,\"gen_tps\":%.2f",
                n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
-        if (o->host_mem) {
+        if (tiered(o)) {
             moerun_model_get_stats(m, &st);
             print_tier_stats(stdout, 1, &st, prompt_bytes, n_gen, gen_ms);
         }
@@ -656,12 +691,12 @@ static int generate(const struct options *o, moerun_model *m, const int32_t *pro
             "moe-run: prompt: %zu tokens in %.1f ms (%.1f tok/s)  decode: %zu tokens in %.1f ms "
             "(%.1f tok/s)\n",
             n_prompt, prompt_ms, prompt_tps, n_gen, gen_ms, gen_tps);
-    if (o->stats && o->host_mem) {
+    if (o->stats && tiered(o)) {
         moerun_model_get_stats(m, &st);
         print_tier_stats(stderr, 0, &st, prompt_bytes, n_gen, gen_ms);
     } else if (o->stats) {
         fprintf(stderr, "moe-run: no tier statistics: the whole model is in memory (see "
-                        "--host-mem)\n");
+                        "--host-mem and --gpu-mem)\n");
     }
     status = 0;
     if (trace.f && (trace_flush(&trace) != 0 || fclose(trace.f) != 0)) {
@@ -739,6 +774,11 @@ int main(int argc, char **argv) {
     mp.prefetch_layers = o.prefetch_layers;
     mp.direct_io = o.direct_io;
     mp.use_mmap = o.use_mmap;
+    mp.device = o.device;
+    mp.gpu_index = o.gpu_index;
+    mp.gpu_bytes = o.gpu_mem;
+    mp.gpu_ctx = o.n_ctx > 0 ? (uint32_t)o.n_ctx : 0;
+    mp.gpu_batch = o.n_batch > 0 ? (uint32_t)o.n_batch : 0;
     if (o.use_mmap && o.host_mem) {
         fprintf(stderr, "moe-run: --mmap and --host-mem are two ways to hold the weights: "
                         "choose one\n");

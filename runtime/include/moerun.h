@@ -153,7 +153,29 @@ typedef struct moerun_model_params {
     int use_mmap;                      /* 1 = map the file and compute from the page cache, as
                                           llama.cpp does by default (no tiers: the kernel decides
                                           what stays; a baseline for benchmarks); 0 = default */
+    int device;                        /* moerun_device that computes; MOERUN_DEVICE_CPU */
+    int gpu_index;                     /* which CUDA device; 0 */
+    uint64_t gpu_bytes;                /* GPU tier budget, bytes (moe-run --gpu-mem), allocated
+                                          at open as one block: weight slots, the resident
+                                          routers, norms and output, and the sessions' KV caches
+                                          and scratch (gpu_ctx, gpu_batch). 0 = the device's free
+                                          memory less 1 GiB, at most what the model needs. Below
+                                          the minimum, open fails saying the minimum */
+    uint32_t gpu_ctx;                  /* KV positions reserved in the GPU budget for sessions
+                                          (one session of gpu_ctx, or several smaller); 0 = the
+                                          trained context, at most 4096 (a session's default) */
+    uint32_t gpu_batch;                /* tokens per forward call of those sessions; 0 = 512 */
 } moerun_model_params;
+
+/* The device that computes. With a GPU (or the simulator), weights move NVMe -> pinned host
+ * (host_bytes, 0 = automatic) -> GPU memory (gpu_bytes); the CPU keeps the token embeddings. */
+typedef enum moerun_device {
+    MOERUN_DEVICE_CPU = 0,  /* the CPU computes (host_bytes: tiers below it, or all resident) */
+    MOERUN_DEVICE_CUDA = 1, /* a CUDA GPU (gpu_index) */
+    MOERUN_DEVICE_SIM = 2,  /* the CPU computing as if it were a GPU: weights in a separate
+                               gpu_bytes "device" allocation, uploaded on an asynchronous copy
+                               thread, the GPU tier's code path without a GPU (tests, profiling) */
+} moerun_device;
 
 /* Eviction policies of the expert slots. */
 typedef enum moerun_policy {
@@ -164,6 +186,11 @@ typedef enum moerun_policy {
 
 /* Fill p with defaults. Returns nothing. Thread-safe. */
 MOERUN_API void moerun_model_params_init(moerun_model_params *p);
+
+/* How many devices of kind device (moerun_device) this build and machine can compute on: the
+ * CPU and the simulator 1, CUDA the number of usable GPUs (0 without a driver or a device, or
+ * in a build without CUDA). Returns the count (>= 0). Thread-safe. */
+MOERUN_API int moerun_device_count(int device);
 
 /* Open a GGUF model file: parse and validate its header, metadata and tensor table (nothing
  * is trusted before it is checked against the file's size). params may be NULL (defaults).
@@ -329,7 +356,7 @@ MOERUN_API void moerun_session_set_route_callback(moerun_session *session, moeru
                                                   void *user_data);
 
 /* ---------------------------------------------------------------------------------------------
- * Statistics of the tiers (zero when the model was opened without a host budget).
+ * Statistics of the tiers (zero when the model was opened without tiers: CPU, no host budget).
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct moerun_stats {
@@ -355,6 +382,13 @@ typedef struct moerun_stats {
     uint32_t n_layer;             /* entries of the arrays below */
     const uint64_t *layer_hits;   /* [n_layer] expert hits per layer (owned by the model) */
     const uint64_t *layer_misses; /* [n_layer] */
+    /* with a GPU (device CUDA or SIM): */
+    uint64_t gpu_bytes;        /* GPU tier size (the one allocation) */
+    uint64_t gpu_bytes_copied; /* bytes uploaded host -> GPU */
+    uint64_t gpu_copy_busy_ns; /* time with uploads in flight */
+    double copy_gbps;          /* achieved upload bandwidth while uploading, GB/s */
+    uint64_t host_hits;        /* GPU loads served from the pinned host tier */
+    uint64_t host_misses;      /* GPU loads read from the file first */
 } moerun_stats;
 
 /* A snapshot of the model's tier statistics. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
