@@ -259,19 +259,24 @@ static void test_copy_failure(void **state) {
     assert_non_null(out);
     int32_t prompt[N_PROMPT];
     prompt_of(prompt, nv);
-    for (uint64_t nth = 0; nth < 12; nth += 5) {
+    for (uint64_t nth = 0; nth < 40; nth += 3) {
         moerun_model *m = NULL;
         assert_int_equal(open_model(path, &c, &m), MOERUN_OK);
         moerun_session *s = open_session(m, 4);
         tier_device_set_fault(m->offload->dev, nth);
         rc = moerun_session_decode(s, prompt, N_PROMPT, out, 1);
-        fprintf(stderr, "upload %llu fails: %s (%s)\n", (unsigned long long)nth, moerun_errmsg(),
+        fprintf(stderr, "upload %llu fails: %s (%s)\n", (unsigned long long)nth,
+                rc ? moerun_errmsg() : "a load ahead, loaded again when needed",
                 moerun_status_str(rc));
-        assert_int_equal(rc, MOERUN_ERR_BACKEND);
-        assert_int_equal(moerun_session_n_past(s), 0);
-        rc = moerun_session_decode(s, prompt, N_PROMPT, out, 1);
-        if (rc != MOERUN_OK)
-            fail_msg("after the failed upload: %s", moerun_errmsg());
+        /* the first upload is the first layer's dense part, which the call waits for; a later
+         * one may be a load ahead (the ring's, a prefetch), which is loaded again when needed */
+        if (nth == 0 || rc != MOERUN_OK) {
+            assert_int_equal(rc, MOERUN_ERR_BACKEND);
+            assert_int_equal(moerun_session_n_past(s), 0);
+            rc = moerun_session_decode(s, prompt, N_PROMPT, out, 1);
+            if (rc != MOERUN_OK)
+                fail_msg("after the failed upload: %s", moerun_errmsg());
+        }
         assert_memory_equal(out, ref, N_PROMPT * (size_t)nv * sizeof(float));
         moerun_session_destroy(s);
         moerun_model_close(m);
