@@ -199,12 +199,21 @@ void be_host_unregister(struct mr_backend *be, void *p) {
 // from pinned (registered) memory, or on systems where the GPU reads pageable memory directly,
 // the DMA reads src later: only waiting covers every kind of host memory. Uploads are rare on the
 // hot path (weights go through copy_async), and what follows them usually needs them anyway.
+// Asynchronous on the compute stream: the contract keeps src unchanged until a later download or
+// sync returns, so nothing waits here (from pinned memory the copy overlaps the host; from
+// pageable memory the runtime stages it first).
 int be_upload(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
     if (bytes == 0)
         return MOERUN_OK;
     cuda_be *c = cb(be);
     int rc = enter(c);
-    return rc ? rc : cuda_upload(dst, src, (size_t)bytes, c->dev->compute);
+    if (rc)
+        return rc;
+    cudaError_t e =
+        cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, c->dev->compute);
+    if (e != cudaSuccess)
+        return cuda_util_err(e, "cudaMemcpyAsync (host to device)");
+    return MOERUN_OK;
 }
 
 int be_download(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {

@@ -97,7 +97,9 @@ struct mr_backend_ops {
      * sim: nothing to do). p and bytes page-aligned. */
     int (*host_register)(struct mr_backend *be, void *p, uint64_t bytes);
     void (*host_unregister)(struct mr_backend *be, void *p);
-    /* Host -> device on the compute stream; src may be reused when it returns. */
+    /* Host -> device on the compute stream, asynchronous: src must stay unchanged until a later
+     * download or sync of the compute stream returns (pinned src, see host_register, lets the
+     * copy overlap the host; from pageable memory the call may wait). */
     int (*upload)(struct mr_backend *be, void *dst, const void *src, uint64_t bytes);
     /* Device -> host on the compute stream; returns when the bytes are in dst (and reports a
      * fault of earlier work on the stream). */

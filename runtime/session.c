@@ -172,12 +172,18 @@ int moerun_session_create(moerun_model *model, const moerun_session_params *para
     }
     lay_out(s, s->arena);
     s->be->ops->set_workspace(s->be, s->s.ws, s->ws_bytes);
-    bytes = lay_out_host(s, NULL);
-    if (!(s->host_arena = mr_alloc(a, bytes, 64))) {
+    bytes = (lay_out_host(s, NULL) + 4095) & ~(size_t)4095;
+    if (!(s->host_arena = mr_alloc(a, bytes, 4096))) {
         rc = mr_err(MOERUN_ERR_NOMEM, "session: cannot allocate %zu bytes of host scratch", bytes);
         goto fail;
     }
     lay_out_host(s, s->host_arena);
+    /* pinned, so the per-layer uploads and downloads of a GPU need no staging (CPU: nothing) */
+    if (s->be->ops->host_register(s->be, s->host_arena, bytes) == MOERUN_OK)
+        s->host_pinned = true;
+    else
+        mr_log_warn("session: host scratch not pinned (%s): copies to the GPU are staged",
+                    moerun_errmsg());
     *out = s;
     return MOERUN_OK;
 fail:
@@ -193,6 +199,8 @@ void moerun_session_destroy(moerun_session *s) {
         offload_device_unreserve(s->model->offload, s->arena);
     else if (s->be)
         s->be->ops->free(s->be, s->arena);
+    if (s->host_pinned)
+        s->be->ops->host_unregister(s->be, s->host_arena);
     mr_backend_destroy(s->be);
     mr_free(a, s->host_arena);
     mr_free(a, s);

@@ -62,6 +62,7 @@ struct moerun_session {
     void *arena;              /* backend memory behind the caches and s */
     bool arena_tier;          /* arena is from the GPU tier's budget (else from be->alloc) */
     void *host_arena;         /* host memory behind hs */
+    bool host_pinned;         /* host_arena is registered with the backend */
     moerun_route_fn route_fn; /* routing trace callback, or NULL */
     void *route_user;
 };

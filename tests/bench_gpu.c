@@ -177,6 +177,7 @@ int main(int argc, char **argv) {
             memcpy(w + r * row_bytes, w, row_bytes);
         for (int b = 0; b < n_buf; b++)
             check(be->ops->upload(be, (uint8_t *)dev + b * w_bytes, w, w_bytes), "upload");
+        check(be->ops->sync(be, MR_STREAM_COMPUTE), "sync"); /* w is read until then */
         free(w);
         for (int r = 0; r < reps; r++) {
             double t0 = now_s();

@@ -444,6 +444,24 @@ static void test_json_and_reproducible(void **state) {
     char *text = json_text(a);
     assert_non_null(text);
 
+    /* through the GPU path on the simulated device, the GPU budget at its minimum (named by
+     * the error below it): the same tokens, and the GPU figures in the stats */
+    assert_int_equal(run("-m %s -p \"%s\" --temp 0 -n %d --json --device sim --gpu-mem 4K",
+                         model_path, prompt, n_predict),
+                     1);
+    char *err0 = read_err(), *at = strstr(err0, "minimum for this model, ");
+    assert_non_null(at);
+    const unsigned long long gpu_min = strtoull(at + strlen("minimum for this model, "), NULL, 10);
+    free(err0);
+    assert_int_equal(run("-m %s -p \"%s\" --temp 0 -n %d --json --device sim --gpu-mem %llu",
+                         model_path, prompt, n_predict, gpu_min),
+                     0);
+    char *g = read_out();
+    assert_int_equal(json_ids(g, "tokens", tb, 256), n_ta);
+    assert_memory_equal(ta, tb, (size_t)n_ta * sizeof(int32_t));
+    assert_non_null(strstr(g, "\"gpu_bytes_copied\":"));
+    free(g);
+
     /* the same run again: the same tokens */
     assert_int_equal(run("-m %s -p \"%s\" --temp 0 -n %d --json", model_path, prompt, n_predict),
                      0);
@@ -556,6 +574,22 @@ static void test_errors(void **state) {
     rc = run("-m %s --tokens 1,2,3,4,5,6,7,8,9 -c 4", model_path);
     assert_int_equal(rc, 1);
     expect_error(rc, "context");
+    /* devices: an unknown one, a GPU budget below the minimum (named), CUDA where there is no
+     * GPU or no CUDA build (a message, exit 1) */
+    rc = run("-m %s -p hi --device tpu", model_path);
+    assert_int_equal(rc, 2);
+    expect_error(rc, "--device");
+    rc = run("-m %s --tokens 1,5 -n 1 --device sim --gpu-mem 64K", model_path);
+    assert_int_equal(rc, 1);
+    expect_error(rc, "minimum for this model");
+    if (moerun_device_count(MOERUN_DEVICE_CUDA) == 0) {
+        rc = run("-m %s --tokens 1,5 -n 1 --gpu-mem 1G", model_path);
+        assert_int_equal(rc, 1);
+        expect_error(rc, "CUDA");
+    }
+    rc = run("-m %s --tokens 1,5 -n 1 --device sim --mmap", model_path);
+    assert_int_equal(rc, 1);
+    expect_error(rc, "mmap");
     /* --logits-out into a folder that does not exist */
     rc = run("-m %s --tokens 1,5 -n 0 --logits-out /nonexistent/l.f32", model_path);
     assert_int_equal(rc, 1);

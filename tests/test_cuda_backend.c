@@ -99,8 +99,10 @@ static int group_teardown(void **state) {
 static void *put(struct mr_backend *be, const void *host, size_t bytes) {
     void *d = NULL;
     assert_int_equal(be->ops->alloc(be, bytes, &d), MOERUN_OK);
-    if (host)
+    if (host) { /* upload is asynchronous: host stays unchanged until a sync */
         assert_int_equal(be->ops->upload(be, d, host, bytes), MOERUN_OK);
+        assert_int_equal(be->ops->sync(be, MR_STREAM_COMPUTE), MOERUN_OK);
+    }
     return d;
 }
 
@@ -669,6 +671,7 @@ static void test_instance_and_memory(void **state) {
     float *a = put(gpu, NULL, n * 4), *b = put(gpu, NULL, n * 4);
     assert_true((uintptr_t)a % 256 == 0 && (uintptr_t)b % 256 == 0);
     assert_int_equal(gpu->ops->upload(gpu, a, h, n * 4), MOERUN_OK);
+    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK); /* then h may change */
     memset(h, 0xFF, n * 4);
     assert_int_equal(gpu->ops->copy(gpu, b, a, n * 4), MOERUN_OK);
     assert_int_equal(gpu->ops->download(gpu, h, b, n * 4), MOERUN_OK);
@@ -719,6 +722,7 @@ static void test_copy_stream_and_events(void **state) {
 
     float *dst = put(gpu, NULL, n * 4), *y = poison(gpu, n);
     assert_int_equal(gpu->ops->upload(gpu, y, pinned, n * 4), MOERUN_OK); /* y = x */
+    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK);  /* pinned may change */
     struct mr_event *ev = NULL, *never = NULL;
     assert_int_equal(gpu->ops->event_create(gpu, &ev), MOERUN_OK);
     assert_int_equal(gpu->ops->event_create(gpu, &never), MOERUN_OK);
