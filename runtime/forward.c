@@ -198,22 +198,20 @@ static int experts_run(struct moerun_session *s, uint32_t il) {
     return rc == 1 ? MOERUN_OK : rc;
 }
 
-/* Predict the experts of the next layers from this layer's hidden state (x, before its
- * experts): their routers after their norms, averaged over the batch. Routers and their norms
- * are resident, so this never waits for a load. */
-static int predict_ahead(struct moerun_session *s, uint32_t il, uint32_t n) {
-    struct mr_offload *o = s->model->offload;
+/* Predict the experts of layers first .. last (inclusive, capped at the last layer) from the
+ * hidden state x: their routers after their norms, averaged over the batch. Routers and their
+ * norms are resident, so this never waits for a load. */
+static int predict(struct moerun_session *s, uint32_t first, uint32_t last, uint32_t n) {
     const struct mr_hparams *hp = &s->w->hp;
     const struct mr_backend_ops *ops = OPS(s);
     struct mr_scratch *b = &s->s;
     float *pred = s->hs.pred;
     const uint32_t d = hp->n_embd, E = hp->n_expert;
-    const uint32_t ahead = (uint32_t)offload_prefetch_layers(o);
-    for (uint32_t j = 1; j <= ahead && il + j < hp->n_layer; j++) {
-        const struct mr_layer *next = &s->w->layers[il + j];
+    for (uint32_t il = first; il <= last && il < hp->n_layer; il++) {
+        const struct mr_layer *l = &s->w->layers[il];
         int rc;
-        if ((rc = rmsnorm(s, b->xe, b->x, &next->ffn_norm, n, d)) ||
-            (rc = matmul(s, &next->router, n, b->xe, b->pred)) ||
+        if ((rc = rmsnorm(s, b->xe, b->x, &l->ffn_norm, n, d)) ||
+            (rc = matmul(s, &l->router, n, b->xe, b->pred)) ||
             (rc = ops->softmax_topk(s->be, b->pred, n, (int)E, 0, false, b->pred, NULL, NULL)) ||
             (rc = ops->download(s->be, pred, b->pred, (uint64_t)n * E * sizeof(float))))
             return rc;
@@ -222,9 +220,15 @@ static int predict_ahead(struct moerun_session *s, uint32_t il, uint32_t n) {
                 pred[e] += pred[(size_t)t * E + e];
         for (uint32_t e = 0; e < E && n > 1; e++)
             pred[e] /= (float)n;
-        offload_predict(o, il + j, pred);
+        offload_predict(s->model->offload, il, pred);
     }
     return MOERUN_OK;
+}
+
+/* The next layers' experts from layer il's hidden state (x, before its experts). */
+static int predict_ahead(struct moerun_session *s, uint32_t il, uint32_t n) {
+    const uint32_t ahead = (uint32_t)offload_prefetch_layers(s->model->offload);
+    return predict(s, il + 1, il + ahead, n);
 }
 
 static int moe_block(struct moerun_session *s, const struct mr_layer *dense, uint32_t il,
@@ -299,6 +303,10 @@ int forward_batch(struct moerun_session *s, const int32_t *tokens, uint32_t n, f
         emb(mr_weight_rows(&w->tok_embd, 0, (uint64_t)tokens[t]), s->hs.x + (size_t)t * d, d);
     int rc = OPS(s)->upload(s->be, s->s.x, s->hs.x, (uint64_t)n * d * sizeof(float));
     struct mr_offload *o = s->model->offload;
+    /* the first layers have no earlier layer to be predicted from: predict them from the
+     * embeddings (before attention), so their experts can load while layer 0's attention runs */
+    if (o && rc == MOERUN_OK)
+        rc = predict(s, 0, (uint32_t)offload_prefetch_layers(o) - 1, n);
     for (uint32_t il = 0; il < hp->n_layer && rc == MOERUN_OK; il++) {
         struct mr_layer view;
         const struct mr_layer *l = &w->layers[il];

@@ -261,6 +261,7 @@ static void test_copy_failure(void **state) {
     prompt_of(prompt, nv);
     for (uint64_t nth = 0; nth < 40; nth += 3) {
         moerun_model *m = NULL;
+        c.prefetch = nth != 0; /* without prefetch the first upload is one the call waits for */
         assert_int_equal(open_model(path, &c, &m), MOERUN_OK);
         moerun_session *s = open_session(m, 4);
         tier_device_set_fault(m->offload->dev, nth);
@@ -268,8 +269,8 @@ static void test_copy_failure(void **state) {
         fprintf(stderr, "upload %llu fails: %s (%s)\n", (unsigned long long)nth,
                 rc ? moerun_errmsg() : "a load ahead, loaded again when needed",
                 moerun_status_str(rc));
-        /* the first upload is the first layer's dense part, which the call waits for; a later
-         * one may be a load ahead (the ring's, a prefetch), which is loaded again when needed */
+        /* the first upload is then the first layer's dense part, which the call waits for; a
+         * later one may be a load ahead (the ring's, a prefetch), loaded again when needed */
         if (nth == 0 || rc != MOERUN_OK) {
             assert_int_equal(rc, MOERUN_ERR_BACKEND);
             assert_int_equal(moerun_session_n_past(s), 0);
