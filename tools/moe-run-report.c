@@ -264,30 +264,37 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
         fprintf(f, "}");
         return;
     }
+    /* with a GPU the slots are the GPU's, and the host tier stages the file's bytes */
     if (st->gpu_bytes)
         fprintf(f,
-                "moe-run: GPU tier %.1f MiB; decode copied %.1f MiB to the GPU (%.2f MiB/token) "
-                "at %.2f GB/s while copying (%.0f ms busy); pinned host hits %llu, misses %llu\n",
-                st->gpu_bytes / 1048576.0, st->gpu_bytes_copied / 1048576.0,
+                "moe-run: tiers: GPU %.1f MiB (%u dense slots, %u expert slots), pinned host "
+                "%.1f MiB, O_DIRECT %s\n"
+                "moe-run: decode copied %.1f MiB to the GPU (%.2f MiB/token) at %.2f GB/s while "
+                "copying (%.0f ms busy); pinned host hits %llu, misses %llu\n",
+                st->gpu_bytes / 1048576.0, st->slots_dense, st->slots_expert,
+                st->host_bytes / 1048576.0, st->direct_io ? "on" : "off",
+                st->gpu_bytes_copied / 1048576.0,
                 n_gen ? st->gpu_bytes_copied / 1048576.0 / n_gen : 0.0, st->copy_gbps,
                 st->gpu_copy_busy_ns / 1e6, (unsigned long long)st->host_hits,
                 (unsigned long long)st->host_misses);
+    else
+        fprintf(f, "moe-run: tiers: host %.1f MiB (%u dense slots, %u expert slots), O_DIRECT %s\n",
+                st->host_bytes / 1048576.0, st->slots_dense, st->slots_expert,
+                st->direct_io ? "on" : "off");
     fprintf(f,
-            "moe-run: tiers: host %.1f MiB (%u dense slots, %u expert slots), O_DIRECT %s\n"
             "moe-run: prompt read %.1f MiB; decode read %.1f MiB (%.2f MiB/token), read %.2f "
             "GB/s while reading (%.0f ms busy of %.0f ms)\n"
             "moe-run: experts: %llu hits, %llu misses (hit rate %.1f%%); dense %llu hits, %llu "
             "misses\n"
             "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu, "
             "cancelled %llu; stalled %.1f ms\n",
-            st->host_bytes / 1048576.0, st->slots_dense, st->slots_expert,
-            st->direct_io ? "on" : "off", prompt_bytes / 1048576.0, st->nvme_bytes_read / 1048576.0,
-            per_tok / 1048576.0, st->read_gbps, busy_ms, gen_ms,
-            (unsigned long long)st->expert_hits, (unsigned long long)st->expert_misses, 100.0 * hit,
-            (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
-            100.0 * st->prediction_precision, 100.0 * st->prediction_recall,
-            (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
-            (unsigned long long)st->prefetch_cancelled, st->stall_ns / 1e6);
+            prompt_bytes / 1048576.0, st->nvme_bytes_read / 1048576.0, per_tok / 1048576.0,
+            st->read_gbps, busy_ms, gen_ms, (unsigned long long)st->expert_hits,
+            (unsigned long long)st->expert_misses, 100.0 * hit, (unsigned long long)st->dense_hits,
+            (unsigned long long)st->dense_misses, 100.0 * st->prediction_precision,
+            100.0 * st->prediction_recall, (unsigned long long)st->prefetch_issued,
+            (unsigned long long)st->prefetch_used, (unsigned long long)st->prefetch_cancelled,
+            st->stall_ns / 1e6);
     fprintf(f, "moe-run: per layer hits/misses:");
     for (uint32_t l = 0; l < st->n_layer; l++)
         fprintf(f, " %llu/%llu", (unsigned long long)st->layer_hits[l],
