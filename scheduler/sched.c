@@ -59,21 +59,25 @@ static int check_args(const struct sched_params *p, const struct sched_section *
     if (!p->region || ((uintptr_t)p->region & (SCHED_ALIGN - 1)))
         return mr_err(MOERUN_ERR_INVALID_ARG, "sched: region %p is not %u-byte aligned", p->region,
                       SCHED_ALIGN);
+    return sched_check_sections(sections, n_sections, p->n_layer, p->n_expert, "sched");
+}
+
+int sched_check_sections(const struct sched_section *sections, uint32_t n_sections,
+                         uint32_t n_layer, uint32_t n_expert, const char *who) {
     for (uint32_t i = 0; i < n_sections; i++) {
         const struct sched_section *c = &sections[i];
-        if (c->layer >= p->n_layer || c->expert >= (int32_t)p->n_expert ||
-            sched_section_index(p->n_layer, p->n_expert, c->layer,
-                                c->expert < 0 ? -1 : c->expert) != i ||
+        if (c->layer >= n_layer || c->expert >= (int32_t)n_expert ||
+            sched_section_index(n_layer, n_expert, c->layer, c->expert < 0 ? -1 : c->expert) != i ||
             c->n_ranges > SCHED_MAX_RANGES)
             return mr_err(MOERUN_ERR_INVALID_ARG,
-                          "sched: section %u (layer %u expert %d, %u ranges) is out of place", i,
+                          "%s: section %u (layer %u expert %d, %u ranges) is out of place", who, i,
                           c->layer, c->expert, c->n_ranges);
         for (uint32_t r = 0; r < c->n_ranges; r++) {
             uint64_t end;
             if (mr_add_overflow_u64(c->ranges[r].slot_offset, c->ranges[r].bytes, &end) ||
                 end > c->slot_bytes)
                 return mr_err(MOERUN_ERR_INVALID_ARG,
-                              "sched: layer %u expert %d: range %u ends past slot_bytes %llu",
+                              "%s: layer %u expert %d: range %u ends past slot_bytes %llu", who,
                               c->layer, c->expert, r, (unsigned long long)c->slot_bytes);
         }
     }

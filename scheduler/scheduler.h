@@ -100,6 +100,12 @@ int sched_create(const struct sched_params *p, const struct sched_section *secti
                  uint32_t n_sections, struct sched_loader loader, struct sched **out);
 void sched_destroy(struct sched *s); /* waits for loads in flight; NULL is a no-op */
 
+/* Sections in their places (index = sched_section_index), layers and experts in range, ranges
+ * inside their slot_bytes. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG naming the section
+ * (messages start with who). */
+int sched_check_sections(const struct sched_section *sections, uint32_t n_sections,
+                         uint32_t n_layer, uint32_t n_expert, const char *who);
+
 static inline uint32_t sched_section_index(uint32_t n_layer, uint32_t n_expert, uint32_t layer,
                                            int32_t expert) {
     return expert < 0 ? layer : n_layer + layer * n_expert + (uint32_t)expert;

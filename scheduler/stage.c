@@ -141,25 +141,7 @@ static int check_args(const struct stage_params *p) {
     if (!p->region || ((uintptr_t)p->region & (SCHED_ALIGN - 1)))
         return mr_err(MOERUN_ERR_INVALID_ARG, "stage: region %p is not %u-byte aligned", p->region,
                       SCHED_ALIGN);
-    for (uint32_t i = 0; i < p->n_sections; i++) {
-        const struct sched_section *c = &p->sections[i];
-        if (c->layer >= p->n_layer || c->expert >= (int32_t)p->n_expert ||
-            c->n_ranges > SCHED_MAX_RANGES ||
-            sched_section_index(p->n_layer, p->n_expert, c->layer,
-                                c->expert < 0 ? -1 : c->expert) != i)
-            return mr_err(MOERUN_ERR_INVALID_ARG,
-                          "stage: section %u (layer %u expert %d, %u ranges) is out of place", i,
-                          c->layer, c->expert, c->n_ranges);
-        for (uint32_t r = 0; r < c->n_ranges; r++) {
-            uint64_t end;
-            if (mr_add_overflow_u64(c->ranges[r].slot_offset, c->ranges[r].bytes, &end) ||
-                end > c->slot_bytes)
-                return mr_err(MOERUN_ERR_INVALID_ARG,
-                              "stage: layer %u expert %d: range %u ends past slot_bytes %llu",
-                              c->layer, c->expert, r, (unsigned long long)c->slot_bytes);
-        }
-    }
-    return MOERUN_OK;
+    return sched_check_sections(p->sections, p->n_sections, p->n_layer, p->n_expert, "stage");
 }
 
 /* Lay out the host slots (st->p set). Returns MOERUN_OK or MOERUN_ERR_BUDGET. */
