@@ -315,8 +315,9 @@ static int parse_args(int argc, char **argv, struct options *o) {
             rc = parse_int(a, val, 0, INT32_MAX, &o->samp.repeat_last_n);
         } else if (!strcmp(a, "--host-mem")) {
             rc = parse_size(a, val, &o->host_mem);
-        } else if (!strcmp(a, "--gpu-mem")) {
-            rc = parse_size(a, val, &o->gpu_mem);
+        } else if (!strcmp(a, "--gpu-mem")) { /* 0: the device's free memory less 1 GiB */
+            o->gpu_mem = 0;
+            rc = strcmp(val, "0") ? parse_size(a, val, &o->gpu_mem) : 0;
             o->device = o->device_set ? o->device : MOERUN_DEVICE_CUDA;
         } else if (!strcmp(a, "--device")) {
             rc = parse_device(val, &o->device);
