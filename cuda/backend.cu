@@ -194,14 +194,9 @@ void be_host_unregister(struct mr_backend *be, void *p) {
     (void)cudaGetLastError();
 }
 
-// Host -> device on the compute stream, then a wait for the stream: the contract lets the caller
-// reuse src on return. A copy from pageable memory is staged by the driver before it returns, but
-// from pinned (registered) memory, or on systems where the GPU reads pageable memory directly,
-// the DMA reads src later: only waiting covers every kind of host memory. Uploads are rare on the
-// hot path (weights go through copy_async), and what follows them usually needs them anyway.
-// Asynchronous on the compute stream: the contract keeps src unchanged until a later download or
-// sync returns, so nothing waits here (from pinned memory the copy overlaps the host; from
-// pageable memory the runtime stages it first).
+// Host -> device, asynchronous on the compute stream: the contract keeps src unchanged until a
+// later download or sync returns, so nothing waits here (from pinned memory the copy overlaps the
+// host; from pageable memory the runtime stages it first).
 int be_upload(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
     if (bytes == 0)
         return MOERUN_OK;

@@ -422,9 +422,11 @@ extern "C" int cuda_alloc(size_t bytes, void **out) {
     return MOERUN_OK;
 }
 
+// A failure here (after a fault) has no one to report to: cleared, so that the next launch check
+// does not report it against an innocent kernel.
 extern "C" void cuda_free(void *p) {
-    if (p)
-        cudaFree(p);
+    if (p && cudaFree(p) != cudaSuccess)
+        (void)cudaGetLastError();
 }
 
 extern "C" int cuda_upload(void *dst, const void *src, size_t bytes, void *stream) {
@@ -460,8 +462,8 @@ extern "C" int cuda_stream_create(void **out) {
 }
 
 extern "C" void cuda_stream_destroy(void *stream) {
-    if (stream)
-        cudaStreamDestroy(cuda_util_stream(stream));
+    if (stream && cudaStreamDestroy(cuda_util_stream(stream)) != cudaSuccess)
+        (void)cudaGetLastError(); // as cuda_free
 }
 
 extern "C" int cuda_stream_sync(void *stream) {

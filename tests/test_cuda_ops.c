@@ -5,6 +5,7 @@
  * Exits 77 (skip) where there is no CUDA device. */
 #include "testutil.h"
 
+#include "backend.h"
 #include "cpu/quants.h"
 #include "cuda_backend.h"
 #include "internal.h"
@@ -456,8 +457,50 @@ static void topk_case(int64_t n_tok, int E, int k, bool renorm) {
     free(pall);
 }
 
+/* Exact ties: logits drawn from 4 values, so equal logits give bit-equal probabilities and the
+ * picks are fixed by the tie rule alone: larger logit first, the lower index among equals. */
+static void topk_ties_case(int64_t n_tok, int E, int k) {
+    const size_t np = (size_t)(n_tok * E), ns = (size_t)(n_tok * k);
+    float *lg = malloc(sizeof(float) * np);
+    int32_t *sel = malloc(sizeof(int32_t) * ns);
+    assert_true(lg && sel);
+    for (size_t i = 0; i < np; i++)
+        lg[i] = (float)(tu_rng_u64(&rng) % 4);
+    float *dl = dev_copy(lg, sizeof(float) * np);
+    float *dw = dev_poison(NULL, ns);
+    int32_t *ds = (int32_t *)dev_poison(NULL, ns);
+    assert_int_equal(cuda_softmax_topk(dl, n_tok, E, k, true, dl, ds, dw, stream), MOERUN_OK);
+    float *sw = dev_fetch(dw, ns);
+    assert_int_equal(cuda_download(sel, ds, sizeof(int32_t) * ns, stream), MOERUN_OK);
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *l = lg + t * E;
+        int j = 0;
+        for (int v = 3; v >= 0 && j < k; v--)
+            for (int e = 0; e < E && j < k; e++)
+                if (l[e] == (float)v) {
+                    if (sel[t * k + j] != e)
+                        fail_msg("topk ties token %lld pick %d: expert %d, want %d (logit %d)",
+                                 (long long)t, j, sel[t * k + j], e, v);
+                    j++;
+                }
+        for (j = 1; j < k; j++) /* equal logits, bit-equal weights */
+            if (l[sel[t * k + j]] == l[sel[t * k + j - 1]] && sw[t * k + j] != sw[t * k + j - 1])
+                fail_msg("topk ties token %lld: weights %g and %g of equal logits", (long long)t,
+                         (double)sw[t * k + j - 1], (double)sw[t * k + j]);
+    }
+    free(sw);
+    free(sel);
+    free(lg);
+    cuda_free(dl);
+    cuda_free(dw);
+    cuda_free(ds);
+}
+
 static void test_softmax_topk(void **state) {
     (void)state;
+    topk_ties_case(11, 60, 8);
+    topk_ties_case(3, 256, 32);
+    topk_ties_case(4, 9, 9);
     topk_case(13, 60, 4, false);
     topk_case(13, 60, 4, true);
     topk_case(3, 256, 8, true);
@@ -618,8 +661,7 @@ static void test_attention_prompt(void **state) {
 
 static void test_bad_arguments(void **state) {
     (void)state;
-    float *buf = NULL;
-    assert_int_equal(cuda_alloc(4096, (void **)&buf), MOERUN_OK);
+    float *buf = dev_poison(NULL, 1024); /* 4096 bytes, written: compute-sanitizer's initcheck */
     /* activation-only / unknown types, k not a whole number of blocks, misaligned K-quants */
     assert_int_equal(cuda_matvec(MOERUN_TYPE_Q8_K, 1, 256, buf, buf, buf, stream),
                      MOERUN_ERR_UNSUPPORTED);
@@ -678,8 +720,13 @@ int main(void) {
     int n = 0;
     int rc = cuda_device_count(&n);
     if (rc != MOERUN_OK || n == 0) {
-        fprintf(stderr, "no CUDA device: skipping (%s)\n",
-                rc != MOERUN_OK ? moerun_errmsg() : "cuda_device_count found none");
+        if (rc == MOERUN_OK) { /* the backend's message names the driver and runtime versions */
+            const struct mr_backend_config cfg = {.kind = MR_BACKEND_CUDA};
+            struct mr_backend *be = NULL;
+            if (mr_backend_cuda_create(&cfg, &be) == MOERUN_OK) /* cannot happen with no device */
+                be->ops->destroy(be);
+        }
+        fprintf(stderr, "no CUDA device: skipping (%s)\n", moerun_errmsg());
         return TU_SKIP;
     }
     const struct CMUnitTest tests[] = {
