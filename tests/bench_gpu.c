@@ -7,6 +7,8 @@
  *   bench_gpu [--device cuda|sim] [--gpu N] [--mib M] [--rows R] [--k K] [--n N] [--reps N]
  *             [--type T]
  */
+#include "bench_util.h"
+
 #include "backend.h"
 #include "cpu/quants.h"
 #include "internal.h"
@@ -15,23 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(double), cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void check(int rc, const char *what) {
     if (rc != MOERUN_OK) {

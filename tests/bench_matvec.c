@@ -9,6 +9,8 @@
  * (together more than twice the last-level cache) are used in rotation so every product reads
  * its weights from memory.
  */
+#include "bench_util.h"
+
 #include "cpu/matmul.h"
 #include "internal.h"
 #include "types.h"
@@ -17,24 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(double), cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void *xalloc(size_t bytes) {
     void *p = mr_alloc(NULL, bytes, 4096);

@@ -19,22 +19,6 @@
 #include <time.h>
 #include <unistd.h>
 
-static struct tu_rng rng;
-
-static int setup_rng(void **state) {
-    (void)state;
-    tu_rng_init(&rng, tu_seed());
-    return 0;
-}
-
-static uint32_t rnd(uint32_t n) { /* [0, n) */
-    return (uint32_t)(tu_rng_u64(&rng) % n);
-}
-
-static bool contains(const char *hay, const char *needle) {
-    return hay && strstr(hay, needle) != NULL;
-}
-
 static struct mr_backend *sim_open(void) {
     struct mr_backend_config cfg = {.kind = MR_BACKEND_SIM, .n_threads = 1};
     struct mr_backend *be = NULL;
@@ -135,11 +119,11 @@ static void test_reserve(void **state) {
     assert_int_equal(tier_device_create(be, 0, 0, &d), MOERUN_ERR_INVALID_ARG);
     assert_null(d);
     assert_int_equal(tier_device_create(NULL, 1 << 20, 0, &d), MOERUN_ERR_INVALID_ARG);
-    const uint64_t total = (1u << 20) + 4096 * rnd(64);
+    const uint64_t total = (1u << 20) + 4096 * tu_rnd(64);
     assert_int_equal(tier_device_create(be, total, total + 1, &d), MOERUN_ERR_BUDGET);
-    assert_true(contains(moerun_errmsg(), "do not fit"));
+    assert_true(tu_contains(moerun_errmsg(), "do not fit"));
     assert_null(d);
-    const uint64_t slots = 4096 * (1 + rnd(100));
+    const uint64_t slots = 4096 * (1 + tu_rnd(100));
     assert_int_equal(tier_device_create(be, total, slots, &d), MOERUN_OK);
     assert_int_equal(tier_device_bytes(d), total);
     uint8_t *base = tier_device_base(d); /* the slot region: aligned, then the blocks */
@@ -169,13 +153,13 @@ static void test_reserve(void **state) {
     /* fill what is left with random blocks, free some, fill again: never overlapping */
     for (int round = 0; round < 4; round++) {
         for (;;) {
-            uint64_t bytes = 1 + rnd(40000), a = 1ull << rnd(13);
+            uint64_t bytes = 1 + tu_rnd(40000), a = 1ull << tu_rnd(13);
             int rc = tier_device_reserve(d, bytes, a, &p);
             if (rc == MOERUN_ERR_BUDGET) {
-                assert_true(contains(moerun_errmsg(), "free"));
+                assert_true(tu_contains(moerun_errmsg(), "free"));
                 char num[32];
                 snprintf(num, sizeof(num), "%llu", (unsigned long long)bytes);
-                assert_true(contains(moerun_errmsg(), num));
+                assert_true(tu_contains(moerun_errmsg(), num));
                 break;
             }
             assert_int_equal(rc, MOERUN_OK);
@@ -187,7 +171,7 @@ static void test_reserve(void **state) {
                 break;
         }
         for (uint32_t i = 0; i < n;) {
-            if (rnd(2)) {
+            if (tu_rnd(2)) {
                 tier_device_unreserve(d, h[i].p);
                 h[i] = h[n - 1];
                 al[i] = al[n - 1];
@@ -229,11 +213,11 @@ static void payload_make(struct payload *pl, uint8_t *slot, uint64_t slot_bytes)
     pl->host = aligned_alloc(4096, slot_bytes);
     assert_non_null(pl->host);
     for (uint64_t i = 0; i < slot_bytes; i++)
-        pl->host[i] = (uint8_t)tu_rng_u64(&rng);
-    pl->n = 1 + rnd(4);
+        pl->host[i] = (uint8_t)tu_rng_u64(&tu_main_rng);
+    pl->n = 1 + tu_rnd(4);
     const uint64_t part = slot_bytes / pl->n;
     for (uint32_t i = 0; i < pl->n; i++) {
-        uint64_t off = i * part + rnd(64), bytes = 1 + rnd((uint32_t)(part - 64));
+        uint64_t off = i * part + tu_rnd(64), bytes = 1 + tu_rnd((uint32_t)(part - 64));
         pl->c[i] = (struct tier_copy){slot + off, pl->host + off, bytes};
     }
 }
@@ -254,7 +238,7 @@ static bool payload_ok(struct mr_backend *be, const struct payload *pl) {
 static void test_upload(void **state) {
     (void)state;
     struct mr_backend *be = sim_open();
-    const uint32_t n_slots = 3 + rnd(4);
+    const uint32_t n_slots = 3 + tu_rnd(4);
     const uint64_t sb = 16384;
     struct tier_device *d;
     assert_int_equal(tier_device_create(be, n_slots * sb + TIER_ALIGN + 65536, n_slots * sb, &d),
@@ -304,7 +288,7 @@ static void test_upload(void **state) {
                      MOERUN_ERR_INVALID_ARG);
     struct tier_copy out = {slots + n_slots * sb - 8, pl[0].host, 16};
     assert_int_equal(tier_device_upload(d, 0, &out, 1, 0, on_done, &r), MOERUN_ERR_INVALID_ARG);
-    assert_true(contains(moerun_errmsg(), "outside the slot region"));
+    assert_true(tu_contains(moerun_errmsg(), "outside the slot region"));
     assert_int_equal(tier_device_upload(d, 0, pl[0].c, 1, 0, NULL, NULL), MOERUN_ERR_INVALID_ARG);
     assert_int_equal(tier_device_acquire(d, n_slots), MOERUN_ERR_INVALID_ARG);
     assert_int_equal(tier_device_release(d, n_slots), MOERUN_ERR_INVALID_ARG);
@@ -315,7 +299,7 @@ static void test_upload(void **state) {
     struct payload f;
     payload_make(&f, slots, sb);
     assert_int_equal(tier_device_upload(d, 0, f.c, f.n, 7, on_done, &r), MOERUN_ERR_BACKEND);
-    assert_true(contains(moerun_errmsg(), "injected"));
+    assert_true(tu_contains(moerun_errmsg(), "injected"));
     assert_int_equal(tier_device_acquire(d, 0), MOERUN_OK);
     assert_true(payload_ok(be, &pl[0])); /* nothing was copied */
     assert_int_equal(tier_device_release(d, 0), MOERUN_OK);
@@ -460,7 +444,7 @@ static void test_many(void **state) {
     rec_init(r);
     struct payload pl[4];
     struct uploader u[4];
-    const uint32_t per = 200 + rnd(200); /* more than the callback ring (72): it fills */
+    const uint32_t per = 200 + tu_rnd(200); /* more than the callback ring (72): it fills */
     for (uint32_t s = 0; s < n_slots; s++) {
         payload_make(&pl[s], slots + s * sb, sb);
         u[s] = (struct uploader){d, r, s, per, &pl[s], 0, MOERUN_OK};
@@ -498,5 +482,5 @@ int main(void) {
         cmocka_unit_test(test_ordering),
         cmocka_unit_test(test_many),
     };
-    return cmocka_run_group_tests(tests, setup_rng, NULL);
+    return cmocka_run_group_tests(tests, tu_rng_setup, NULL);
 }

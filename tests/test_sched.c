@@ -6,6 +6,7 @@
  * loader. Every section
  * handed out is compared with the fake file's bytes. Fresh random data each run
  * (MOERUN_TEST_SEED replays a run). */
+#include "fake_queue.h"
 #include "testutil.h"
 
 #include "internal.h"
@@ -20,18 +21,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-static struct tu_rng rng;
-
-static int setup_rng(void **state) {
-    (void)state;
-    tu_rng_init(&rng, tu_seed());
-    return 0;
-}
-
-static uint32_t rnd(uint32_t n) { /* [0, n) */
-    return (uint32_t)(tu_rng_u64(&rng) % n);
-}
 
 /* ---- fake model: sections over a file of random bytes ---------------------------------------- */
 
@@ -62,19 +51,19 @@ static void model_make(struct model *m, uint32_t n_layer, uint32_t n_expert, uin
         bool dense = i < n_layer;
         c->layer = dense ? i : (i - n_layer) / n_expert;
         c->expert = dense ? -1 : (int32_t)((i - n_layer) % n_expert);
-        c->n_ranges = dense ? 4 + rnd(5) : 3;
+        c->n_ranges = dense ? 4 + tu_rnd(5) : 3;
         uint64_t so = 0;
         for (uint32_t r = 0; r < c->n_ranges; r++) {
-            off += 32 * rnd(8); /* GGUF-like 32-byte alignment, gaps */
+            off += 32 * tu_rnd(8); /* GGUF-like 32-byte alignment, gaps */
             c->ranges[r].file_offset = off;
             /* dense slots come out larger than expert slots (one page) */
-            c->ranges[r].bytes = dense ? 1500 + rnd(2500) : 100 + rnd(900);
-            so += rnd(4) * 64;
+            c->ranges[r].bytes = dense ? 1500 + tu_rnd(2500) : 100 + tu_rnd(900);
+            so += tu_rnd(4) * 64;
             c->ranges[r].slot_offset = so;
             so += c->ranges[r].bytes;
             off += c->ranges[r].bytes;
         }
-        c->slot_bytes = so + rnd(64);
+        c->slot_bytes = so + tu_rnd(64);
         if (dense)
             dmax = c->slot_bytes > dmax ? c->slot_bytes : dmax;
         else
@@ -86,7 +75,7 @@ static void model_make(struct model *m, uint32_t n_layer, uint32_t n_expert, uin
     m->file = malloc(m->file_bytes);
     assert_non_null(m->file);
     for (size_t i = 0; i < m->file_bytes; i++)
-        m->file[i] = (uint8_t)tu_rng_u64(&rng);
+        m->file[i] = (uint8_t)tu_rng_u64(&tu_main_rng);
 }
 
 static void model_free(struct model *m) {
@@ -118,181 +107,70 @@ static bool section_ok(const struct model *m, uint32_t sec, const void *base) {
 /* ---- fake loader: synchronous inside load(), its own thread with delays, or holding loads
  * until the test releases them ---------------------------------------------------------------- */
 
-#define LOG_MAX   8192
-#define QUEUE_MAX 4096
-
-struct job {
-    const struct sched_section *sec;
-    void *dst;
-    uint64_t tag;
-    bool fail;
-};
-
 struct fake {
+    struct fake_queue q; /* jobs' items are sections; calls logged by section index */
     const struct model *m;
     struct sched *s;
-    bool threaded;
-    bool hold;          /* loads wait in q until fake_release (on the caller's thread) */
-    bool fail_return;   /* sync: an injected failure is load()'s return, not a callback */
-    int64_t fail_nth;   /* this load (counting from 0) fails; -1 none */
-    uint32_t delay_max; /* threaded: microseconds */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct job q[QUEUE_MAX];
-    uint32_t q_head, q_n;
-    bool stop;
-    pthread_t th;
-    struct tu_rng rng;
-    uint64_t loads, bytes;
-    uint32_t log_sec[LOG_MAX];
-    void *log_dst[LOG_MAX];
+    uint64_t bytes;        /* asked for, under q.mu */
     const void *forbid[4]; /* slots that must not be loaded into now (acquired dense parts) */
-    uint32_t n_forbid;
-    bool violated;
+    uint32_t n_forbid;     /* under q.mu */
 };
 
-static void fake_finish(struct fake *f, const struct job *j) {
+static void fake_finish(void *user, const struct fq_job *j) {
+    struct fake *f = user;
+    const struct sched_section *c = j->item;
     if (!j->fail) {
-        const struct sched_section *c = j->sec;
         for (uint32_t r = 0; r < c->n_ranges; r++)
             memcpy((uint8_t *)j->dst + c->ranges[r].slot_offset,
                    f->m->file + c->ranges[r].file_offset, c->ranges[r].bytes);
     } else {
-        memset(j->dst, 0xA5, j->sec->slot_bytes); /* garbage must never be handed out */
+        memset(j->dst, 0xA5, c->slot_bytes); /* garbage must never be handed out */
     }
     sched_load_done(f->s, j->tag, j->fail ? MOERUN_ERR_IO : MOERUN_OK,
                     j->fail ? "fake: injected failure" : NULL);
 }
 
-static int fake_load(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
-    struct fake *f = ctx;
-    pthread_mutex_lock(&f->mu);
-    uint64_t idx = f->loads++;
-    f->bytes += sec_bytes(sec);
-    if (idx < LOG_MAX) {
-        f->log_sec[idx] =
-            sched_section_index(f->m->n_layer, f->m->n_expert, sec->layer, sec->expert);
-        f->log_dst[idx] = dst;
-    }
+static void fake_on_call(void *user, const struct fq_job *j) { /* under q.mu */
+    struct fake *f = user;
+    f->bytes += sec_bytes(j->item);
     for (uint32_t i = 0; i < f->n_forbid; i++)
-        if (f->forbid[i] == dst)
-            f->violated = true;
-    struct job j = {sec, dst, tag, (int64_t)idx == f->fail_nth};
-    if (f->threaded || f->hold) {
-        if (f->q_n == QUEUE_MAX)
-            f->violated = true; /* more loads in flight than slots: cannot happen */
-        else
-            f->q[(f->q_head + f->q_n++) % QUEUE_MAX] = j;
-        pthread_cond_signal(&f->cv);
-        pthread_mutex_unlock(&f->mu);
-        return MOERUN_OK;
-    }
-    pthread_mutex_unlock(&f->mu);
-    if (j.fail && f->fail_return)
-        return mr_err(MOERUN_ERR_IO, "fake: injected refusal");
-    fake_finish(f, &j);
-    return MOERUN_OK;
+        if (f->forbid[i] == j->dst)
+            f->q.violated = true;
 }
 
-static void *fake_thread(void *arg) {
-    struct fake *f = arg;
-    pthread_mutex_lock(&f->mu);
-    for (;;) {
-        while (!f->q_n && !f->stop)
-            pthread_cond_wait(&f->cv, &f->mu);
-        if (!f->q_n)
-            break;
-        struct job j = f->q[f->q_head];
-        f->q_head = (f->q_head + 1) % QUEUE_MAX;
-        f->q_n--;
-        uint32_t us = f->delay_max ? (uint32_t)(tu_rng_u64(&f->rng) % f->delay_max) : 0;
-        pthread_mutex_unlock(&f->mu);
-        struct timespec ts = {0, (long)us * 1000};
-        nanosleep(&ts, NULL);
-        fake_finish(f, &j);
-        pthread_mutex_lock(&f->mu);
-    }
-    pthread_mutex_unlock(&f->mu);
-    return NULL;
+static int fake_load(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
+    struct fake *f = ctx;
+    struct fq_job j = {.item = sec, .dst = dst, .tag = tag};
+    if (!fq_submit(&f->q, &j, sec_of(f->m, sec->layer, sec->expert)))
+        return mr_err(MOERUN_ERR_IO, "fake: injected refusal");
+    return MOERUN_OK;
 }
 
 static void fake_init(struct fake *f, const struct model *m, bool threaded, uint32_t delay_max) {
     memset(f, 0, sizeof(*f));
     f->m = m;
-    f->threaded = threaded;
-    f->fail_nth = -1;
-    f->delay_max = delay_max;
-    tu_rng_init(&f->rng, tu_rng_u64(&rng));
-    pthread_mutex_init(&f->mu, NULL);
-    pthread_cond_init(&f->cv, NULL);
-    if (threaded)
-        assert_int_equal(pthread_create(&f->th, NULL, fake_thread, f), 0);
-}
-
-static void fake_stop(struct fake *f) {
-    if (f->threaded) {
-        pthread_mutex_lock(&f->mu);
-        f->stop = true;
-        pthread_cond_signal(&f->cv);
-        pthread_mutex_unlock(&f->mu);
-        pthread_join(f->th, NULL);
-    }
-    pthread_cond_destroy(&f->cv);
-    pthread_mutex_destroy(&f->mu);
-}
-
-static void fake_fail(struct fake *f, int64_t nth, bool ret) {
-    pthread_mutex_lock(&f->mu);
-    f->fail_nth = nth;
-    f->fail_return = ret;
-    pthread_mutex_unlock(&f->mu);
-}
-
-/* Complete the oldest n held loads (fewer when fewer are held); returns how many. */
-static uint32_t fake_release(struct fake *f, uint32_t n) {
-    uint32_t done = 0;
-    for (; done < n; done++) {
-        pthread_mutex_lock(&f->mu);
-        if (!f->q_n) {
-            pthread_mutex_unlock(&f->mu);
-            break;
-        }
-        struct job j = f->q[f->q_head];
-        f->q_head = (f->q_head + 1) % QUEUE_MAX;
-        f->q_n--;
-        pthread_mutex_unlock(&f->mu);
-        fake_finish(f, &j); /* may start queued prefetches: more held loads */
-    }
-    return done;
+    struct fq_params p = {.run = fake_finish,
+                          .on_call = fake_on_call,
+                          .user = f,
+                          .threaded = threaded,
+                          .delay_max = delay_max,
+                          .seed = tu_rng_u64(&tu_main_rng)};
+    assert_int_equal(fq_init(&f->q, &p), 0);
 }
 
 static void fake_drain(struct fake *f) {
-    while (fake_release(f, 1))
+    while (fq_release(&f->q, 1))
         ;
-}
-
-static uint32_t fake_held(struct fake *f) {
-    pthread_mutex_lock(&f->mu);
-    uint32_t n = f->q_n;
-    pthread_mutex_unlock(&f->mu);
-    return n;
 }
 
 /* the loader was ever asked for sec */
 static bool fake_saw(struct fake *f, uint32_t sec) {
-    pthread_mutex_lock(&f->mu);
+    pthread_mutex_lock(&f->q.mu);
     bool seen = false;
-    for (uint64_t i = 0; i < f->loads && i < LOG_MAX; i++)
-        seen |= f->log_sec[i] == sec;
-    pthread_mutex_unlock(&f->mu);
+    for (uint64_t i = 0; i < f->q.calls && i < FQ_LOG_MAX; i++)
+        seen |= f->q.log[i].id == sec;
+    pthread_mutex_unlock(&f->q.mu);
     return seen;
-}
-
-static uint64_t fake_loads(struct fake *f) {
-    pthread_mutex_lock(&f->mu);
-    uint64_t n = f->loads;
-    pthread_mutex_unlock(&f->mu);
-    return n;
 }
 
 /* ---- environment: model + fake + region + scheduler ----------------------------------------- */
@@ -327,7 +205,7 @@ static void env_open(struct env *v, const struct env_opts *o) {
     v->f = malloc(sizeof(*v->f));
     assert_non_null(v->f);
     fake_init(v->f, &v->m, o->threaded, o->delay_max);
-    v->f->hold = o->hold;
+    fq_hold(&v->f->q, o->hold);
     v->region_bytes = o->n_dense * v->m.dslot + o->n_eslots * v->m.eslot + o->extra;
     v->region = aligned_alloc(SCHED_ALIGN, align_up(v->region_bytes));
     assert_non_null(v->region);
@@ -350,13 +228,13 @@ static void env_open(struct env *v, const struct env_opts *o) {
 }
 
 static void env_close(struct env *v) {
-    if (v->f->hold) { /* sched_destroy waits for the loads in flight */
-        v->f->hold = false;
+    if (v->f->q.hold) { /* sched_destroy waits for the loads in flight */
+        fq_hold(&v->f->q, false);
         fake_drain(v->f);
     }
     sched_destroy(v->s);
-    fake_stop(v->f);
-    assert_false(v->f->violated);
+    fq_stop(&v->f->q);
+    assert_false(v->f->q.violated);
     free(v->f);
     free(v->region);
     model_free(&v->m);
@@ -366,18 +244,18 @@ static void dense_use(struct env *v, uint32_t l) {
     const void *b = NULL;
     assert_int_equal(sched_dense_acquire(v->s, l, &b), MOERUN_OK);
     assert_true(section_ok(&v->m, sec_of(&v->m, l, -1), b));
-    pthread_mutex_lock(&v->f->mu);
+    pthread_mutex_lock(&v->f->q.mu);
     v->f->forbid[0] = b;
     v->f->n_forbid = 1;
-    pthread_mutex_unlock(&v->f->mu);
+    pthread_mutex_unlock(&v->f->q.mu);
 }
 
 static void dense_done(struct env *v, uint32_t l) {
     const void *b = v->f->forbid[0];
     assert_true(section_ok(&v->m, sec_of(&v->m, l, -1), b)); /* not overwritten while held */
-    pthread_mutex_lock(&v->f->mu);
+    pthread_mutex_lock(&v->f->q.mu);
     v->f->n_forbid = 0;
-    pthread_mutex_unlock(&v->f->mu);
+    pthread_mutex_unlock(&v->f->q.mu);
     sched_dense_release(v->s, l);
 }
 
@@ -417,28 +295,15 @@ static void use1(struct env *v, uint32_t l, int32_t e) {
     experts_use(v, l, &e, 1);
 }
 
-static void random_set(uint32_t n_expert, uint32_t n, int32_t *set) {
-    int32_t all[64];
-    for (uint32_t i = 0; i < n_expert; i++)
-        all[i] = (int32_t)i;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t j = i + rnd(n_expert - i);
-        int32_t t = all[i];
-        all[i] = all[j];
-        all[j] = t;
-        set[i] = all[i];
-    }
-}
-
 /* hits + misses = requests; loads and bytes match what the loader was asked for */
 static void check_stats(struct env *v) {
     struct sched_stats st;
     sched_get_stats(v->s, &st);
     assert_int_equal(st.expert_hits + st.expert_misses, v->requested);
-    pthread_mutex_lock(&v->f->mu);
-    assert_int_equal(st.loads, v->f->loads);
+    pthread_mutex_lock(&v->f->q.mu);
+    assert_int_equal(st.loads, v->f->q.calls);
     assert_int_equal(st.bytes_loaded, v->f->bytes);
-    pthread_mutex_unlock(&v->f->mu);
+    pthread_mutex_unlock(&v->f->q.mu);
     uint64_t h = 0, mi = 0;
     for (uint32_t l = 0; l < v->m.n_layer; l++) {
         h += st.layer_hits[l];
@@ -450,16 +315,12 @@ static void check_stats(struct env *v) {
     assert_true(st.predicted_correct <= st.predicted);
 }
 
-static bool contains(const char *hay, const char *needle) {
-    return hay && strstr(hay, needle) != NULL;
-}
-
 /* ---- tests ---------------------------------------------------------------------------------- */
 
 static void test_layout(void **state) {
     (void)state;
     struct model m;
-    uint32_t n_layer = 4 + rnd(5), n_expert = 4 + rnd(12), k = 1 + rnd(4);
+    uint32_t n_layer = 4 + tu_rnd(5), n_expert = 4 + tu_rnd(12), k = 1 + tu_rnd(4);
     model_make(&m, n_layer, n_expert, k);
     uint8_t *region = aligned_alloc(SCHED_ALIGN, 64u << 20);
     assert_non_null(region);
@@ -480,8 +341,8 @@ static void test_layout(void **state) {
     assert_null(s);
     char num[32];
     snprintf(num, sizeof(num), "%llu", (unsigned long long)min);
-    assert_true(contains(moerun_errmsg(), num));
-    assert_true(contains(moerun_errmsg(), "MiB"));
+    assert_true(tu_contains(moerun_errmsg(), num));
+    assert_true(tu_contains(moerun_errmsg(), "MiB"));
 
     struct sched_layout lay;
     struct {
@@ -525,7 +386,7 @@ static void test_layout(void **state) {
             assert_true(section_ok(&m, l, b));
             sched_dense_release(s, l);
             int32_t set[4];
-            random_set(n_expert, k, set);
+            tu_random_set(n_expert, k, set);
             assert_int_equal(sched_experts_request(s, l, set, k), MOERUN_OK);
             int32_t e;
             while (sched_experts_next(s, l, &e, &b) == MOERUN_OK) {
@@ -551,7 +412,7 @@ static void test_layout(void **state) {
     p.region = region;
     m.secs[n_layer].ranges[0].slot_offset = m.secs[n_layer].slot_bytes;
     assert_int_equal(sched_create(&p, m.secs, m.n_sections, ld, &s), MOERUN_ERR_INVALID_ARG);
-    fake_stop(&f);
+    fq_stop(&f.q);
     free(region);
     model_free(&m);
 }
@@ -559,7 +420,7 @@ static void test_layout(void **state) {
 static void run_all_resident(bool threaded) {
     struct env v;
     struct env_opts o = {
-        .n_layer = 4 + rnd(4), .n_expert = 8, .k = 2, .threaded = threaded, .delay_max = 200};
+        .n_layer = 4 + tu_rnd(4), .n_expert = 8, .k = 2, .threaded = threaded, .delay_max = 200};
     o.n_dense = o.n_layer;
     o.n_eslots = 3;
     env_open(&v, &o);
@@ -571,16 +432,16 @@ static void run_all_resident(bool threaded) {
         for (uint32_t l = 0; l < o.n_layer; l++) {
             dense_use(&v, l);
             int32_t set[2];
-            random_set(o.n_expert, 2, set);
+            tu_random_set(o.n_expert, 2, set);
             experts_use(&v, l, set, 2);
             dense_done(&v, l);
         }
     }
     /* each dense part loaded exactly once */
     uint32_t dense_loads[16] = {0};
-    for (uint64_t i = 0; i < v.f->loads; i++)
-        if (v.f->log_sec[i] < o.n_layer)
-            dense_loads[v.f->log_sec[i]]++;
+    for (uint64_t i = 0; i < v.f->q.calls; i++)
+        if (v.f->q.log[i].id < o.n_layer)
+            dense_loads[v.f->q.log[i].id]++;
     for (uint32_t l = 0; l < o.n_layer; l++)
         assert_int_equal(dense_loads[l], 1);
     struct sched_stats st;
@@ -621,20 +482,20 @@ static void run_ring(uint32_t n_layer, uint32_t ring_ahead, bool threaded) {
         for (uint32_t l = 0; l < n_layer; l++) {
             dense_use(&v, l);
             int32_t set[2];
-            random_set(o.n_expert, 2, set);
-            experts_use(&v, l, set, 1 + rnd(2));
+            tu_random_set(o.n_expert, 2, set);
+            experts_use(&v, l, set, 1 + tu_rnd(2));
             dense_done(&v, l);
         }
     }
     sched_destroy(v.s); /* waits for the loads ahead */
     v.s = NULL;
     uint32_t nd = 0, expect = 0;
-    for (uint64_t i = 0; i < v.f->loads && i < LOG_MAX; i++) {
-        uint32_t sec = v.f->log_sec[i];
+    for (uint64_t i = 0; i < v.f->q.calls && i < FQ_LOG_MAX; i++) {
+        uint32_t sec = v.f->q.log[i].id;
         if (sec >= n_layer)
             continue;
         assert_int_equal(sec, expect); /* execution order, wrapping around */
-        size_t slot = (size_t)((uint8_t *)v.f->log_dst[i] - v.region) / v.m.dslot;
+        size_t slot = (size_t)((uint8_t *)v.f->q.log[i].dst - v.region) / v.m.dslot;
         assert_int_equal(slot, nd % r); /* round-robin in execution order */
         if (n_layer % r == 0)
             assert_int_equal(slot, sec % r);
@@ -643,8 +504,8 @@ static void run_ring(uint32_t n_layer, uint32_t ring_ahead, bool threaded) {
     }
     /* every use loaded once, plus at most one ring of loads ahead for the next token */
     assert_true(nd >= tokens * n_layer && nd <= tokens * n_layer + r);
-    assert_false(v.f->violated);
-    fake_stop(v.f);
+    assert_false(v.f->q.violated);
+    fq_stop(&v.f->q);
     free(v.f);
     free(v.region);
     model_free(&v.m);
@@ -724,7 +585,7 @@ static void test_policies(void **state) {
         use1(&v, 0, 2); /* full: last uses e0 < e1 < e2; uses 3, 1, 1 */
         float sc[8] = {0.5f, 0.4f, 0.1f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         sched_predict(v.s, 0, sc); /* prefetch off: only scores */
-        assert_int_equal(fake_loads(v.f), 3);
+        assert_int_equal(fq_calls(&v.f->q), 3);
         use1(&v, 0, 3);
         static const int32_t victim1[3] = {0, 1, 2}; /* LRU: oldest; LFU: fewest; PRED: lowest */
         int32_t gone = victim1[pol];
@@ -813,7 +674,7 @@ static void test_policy_min_slots(void **state) {
 
 static void scores_top(uint32_t n_expert, const int32_t *top, uint32_t k, float *sc) {
     for (uint32_t e = 0; e < n_expert; e++)
-        sc[e] = 0.01f * (float)rnd(10); /* < 0.1 */
+        sc[e] = 0.01f * (float)tu_rnd(10); /* < 0.1 */
     for (uint32_t i = 0; i < k; i++)
         sc[top[i]] = 0.9f - 0.1f * (float)i;
 }
@@ -831,7 +692,7 @@ static void test_prefetch(void **state) {
     sched_predict(v.s, 1, sc);
     assert_int_equal(sched_section_state(v.s, 1, 3), SCHED_RESIDENT);
     assert_int_equal(sched_section_state(v.s, 1, 5), SCHED_RESIDENT);
-    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fq_calls(&v.f->q), 2);
     experts_use(&v, 1, t1, 2);
     sched_get_stats(v.s, &st);
     assert_int_equal(st.prefetch_issued, 2);
@@ -839,7 +700,7 @@ static void test_prefetch(void **state) {
     assert_int_equal(st.expert_hits, 2);
     assert_int_equal(st.expert_misses, 0);
     assert_true(st.predicted == 2 && st.predicted_correct == 2 && st.needed == 2);
-    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fq_calls(&v.f->q), 2);
 
     /* half right */
     int32_t t2[2] = {0, 1}, n2[2] = {1, 6};
@@ -875,7 +736,7 @@ static void test_prefetch(void **state) {
     env_open(&v, &o);
     scores_top(8, t1, 2, sc);
     sched_predict(v.s, 1, sc);
-    assert_int_equal(fake_loads(v.f), 0);
+    assert_int_equal(fq_calls(&v.f->q), 0);
     assert_int_equal(sched_section_state(v.s, 1, 3), SCHED_ABSENT);
     experts_use(&v, 1, t1, 2);
     sched_get_stats(v.s, &st);
@@ -961,7 +822,7 @@ static void test_prefetch_threaded(void **state) {
     float sc[16];
     for (uint32_t l = 0; l < o.n_layer; l++) {
         int32_t top[4];
-        random_set(16, 4, top);
+        tu_random_set(16, 4, top);
         scores_top(16, top, 4, sc);
         sched_predict(v.s, l, sc);
         for (int spin = 0; spin < 20000; spin++) {
@@ -984,7 +845,7 @@ static void test_prefetch_threaded(void **state) {
     assert_int_equal(st.predicted_correct, 4 * o.n_layer);
     /* needed while still loading: a hit too */
     int32_t top[4];
-    random_set(16, 4, top);
+    tu_random_set(16, 4, top);
     scores_top(16, top, 4, sc);
     sched_predict(v.s, 0, sc);
     experts_use(&v, 0, top, 4);
@@ -1029,26 +890,26 @@ static void test_prefetch_when_idle(void **state) {
     float sc[16];
     struct sched_stats st;
     int32_t pick[8];
-    random_set(16, 8, pick);
+    tu_random_set(16, 8, pick);
     /* layer 0 demands two experts: two loads in flight */
     int32_t need0[2] = {pick[0], pick[1]};
     assert_int_equal(sched_experts_request(v.s, 0, need0, 2), MOERUN_OK);
     v.requested += 2;
-    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fq_calls(&v.f->q), 2);
     /* a prediction for layer 1 queues both, starts nothing */
     const int32_t *top = pick + 2;
     scores_top(16, top, 2, sc);
     sched_predict(v.s, 1, sc);
-    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fq_calls(&v.f->q), 2);
     assert_int_equal(count_state(&v, 1, top, 2, SCHED_QUEUED), 2);
     /* one demand load done, one still in flight: the loader is not idle, nothing starts (without
      * prefetch_when_idle a prefetch would: none of the cap's one is in flight) */
-    assert_int_equal(fake_release(v.f, 1), 1);
-    assert_int_equal(fake_loads(v.f), 2);
+    assert_int_equal(fq_release(&v.f->q, 1), 1);
+    assert_int_equal(fq_calls(&v.f->q), 2);
     assert_int_equal(count_state(&v, 1, top, 2, SCHED_QUEUED), 2);
     /* the other done: the loader idles, the oldest prefetch starts */
-    assert_int_equal(fake_release(v.f, 1), 1);
-    assert_int_equal(fake_loads(v.f), 3);
+    assert_int_equal(fq_release(&v.f->q, 1), 1);
+    assert_int_equal(fq_calls(&v.f->q), 3);
     assert_int_equal(state_of(&v, 1, top[0]), SCHED_LOADING);
     assert_int_equal(state_of(&v, 1, top[1]), SCHED_QUEUED);
     handout(&v, 0, need0, 2);
@@ -1083,11 +944,11 @@ static void test_prefetch_queue(void **state) {
     float sc[16];
     struct sched_stats st;
     int32_t pick[12];
-    random_set(16, 12, pick);
+    tu_random_set(16, 12, pick);
     const int32_t *top = pick; /* layer 1's prediction, most likely first */
     scores_top(16, top, 4, sc);
     sched_predict(v.s, 1, sc);
-    assert_int_equal(fake_loads(v.f), 1);
+    assert_int_equal(fq_calls(&v.f->q), 1);
     assert_true(fake_saw(v.f, sec_of(&v.m, 1, top[0])));
     assert_int_equal(state_of(&v, 1, top[0]), SCHED_LOADING);
     assert_int_equal(count_state(&v, 1, top + 1, 3, SCHED_QUEUED), 3);
@@ -1095,19 +956,19 @@ static void test_prefetch_queue(void **state) {
     assert_true(st.prefetch_issued == 1 && st.prefetch_cancelled == 0);
 
     /* a completion starts the oldest queued one: still one in flight */
-    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(fq_release(&v.f->q, 1), 1);
     assert_int_equal(state_of(&v, 1, top[0]), SCHED_RESIDENT);
     assert_int_equal(state_of(&v, 1, top[1]), SCHED_LOADING);
     assert_int_equal(count_state(&v, 1, top + 2, 2, SCHED_QUEUED), 2);
-    assert_int_equal(fake_loads(v.f), 2);
-    assert_int_equal(fake_held(v.f), 1);
+    assert_int_equal(fq_calls(&v.f->q), 2);
+    assert_int_equal(fq_held(&v.f->q), 1);
 
     /* the request needs top[1] (loading: a hit), top[2] (queued: promoted, a miss) and pick[4]
      * (absent: a miss); top[3] is cancelled; demand loads start though the cap is reached */
     int32_t need[3] = {top[2], pick[4], top[1]};
     assert_int_equal(sched_experts_request(v.s, 1, need, 3), MOERUN_OK);
     v.requested += 3;
-    assert_int_equal(fake_loads(v.f), 4);
+    assert_int_equal(fq_calls(&v.f->q), 4);
     assert_true(fake_saw(v.f, sec_of(&v.m, 1, top[2])));
     assert_true(fake_saw(v.f, sec_of(&v.m, 1, pick[4])));
     assert_int_equal(state_of(&v, 1, top[3]), SCHED_ABSENT);
@@ -1126,7 +987,7 @@ static void test_prefetch_queue(void **state) {
     const int32_t *p2 = pick + 5;
     scores_top(16, p2, 4, sc);
     sched_predict(v.s, 2, sc);
-    assert_int_equal(fake_loads(v.f), 5);
+    assert_int_equal(fq_calls(&v.f->q), 5);
     assert_int_equal(count_state(&v, 2, p2 + 1, 3, SCHED_QUEUED), 3);
     int32_t p2b[4] = {p2[1], pick[9], p2[0], pick[10]};
     scores_top(16, p2b, 4, sc);
@@ -1135,14 +996,14 @@ static void test_prefetch_queue(void **state) {
     assert_int_equal(state_of(&v, 2, p2[0]), SCHED_LOADING); /* handed out: not cancelled */
     assert_int_equal(count_state(&v, 2, p2b, 2, SCHED_QUEUED), 2);
     assert_int_equal(state_of(&v, 2, pick[10]), SCHED_QUEUED);
-    assert_int_equal(fake_loads(v.f), 5);
+    assert_int_equal(fq_calls(&v.f->q), 5);
     sched_get_stats(v.s, &st);
     assert_int_equal(st.prefetch_cancelled, 3);
     /* oldest first: p2[1] was queued before the new ones */
-    assert_int_equal(fake_release(v.f, 1), 1);
+    assert_int_equal(fq_release(&v.f->q, 1), 1);
     assert_int_equal(state_of(&v, 2, p2[1]), SCHED_LOADING);
     assert_int_equal(count_state(&v, 2, p2b + 1, 1, SCHED_QUEUED), 1);
-    assert_int_equal(fake_loads(v.f), 6);
+    assert_int_equal(fq_calls(&v.f->q), 6);
     fake_drain(v.f);
     assert_int_equal(count_state(&v, 2, p2b, 4, SCHED_RESIDENT), 4);
     assert_false(fake_saw(v.f, sec_of(&v.m, 2, p2[2])));
@@ -1159,7 +1020,7 @@ static void test_prefetch_queue(void **state) {
     scores_top(16, top, 4, sc);
     sched_predict(v.s, 1, sc);
     assert_int_equal(count_state(&v, 1, top, 4, SCHED_RESIDENT), 4);
-    assert_int_equal(fake_loads(v.f), 4);
+    assert_int_equal(fq_calls(&v.f->q), 4);
     experts_use(&v, 1, top, 4);
     sched_get_stats(v.s, &st);
     assert_true(st.prefetch_issued == 4 && st.prefetch_used == 4 && st.prefetch_cancelled == 0);
@@ -1198,8 +1059,8 @@ static void test_prefetch_passed(void **state) {
     float sc[8];
     struct sched_stats st;
     int32_t a[4], b[4];
-    random_set(8, 4, a);
-    random_set(8, 4, b);
+    tu_random_set(8, 4, a);
+    tu_random_set(8, 4, b);
     scores_top(8, a, 4, sc);
     sched_predict(v.s, 1, sc);
     scores_top(8, b, 4, sc);
@@ -1207,18 +1068,18 @@ static void test_prefetch_passed(void **state) {
     assert_int_equal(count_state(&v, 1, a + 1, 3, SCHED_QUEUED), 3);
     assert_int_equal(count_state(&v, 3, b, 4, SCHED_QUEUED), 4);
     /* layer 2 runs: layer 1 is passed (3 ahead, more than n_layer / 2), layer 3 is next */
-    int32_t y = (int32_t)rnd(8);
+    int32_t y = (int32_t)tu_rnd(8);
     assert_int_equal(sched_experts_request(v.s, 2, &y, 1), MOERUN_OK);
     v.requested++;
     assert_int_equal(count_state(&v, 1, a + 1, 3, SCHED_ABSENT), 3);
     assert_int_equal(state_of(&v, 1, a[0]), SCHED_LOADING);
     assert_int_equal(count_state(&v, 3, b, 4, SCHED_QUEUED), 4);
-    assert_int_equal(fake_loads(v.f), 2); /* a[0] and the demand load */
+    assert_int_equal(fq_calls(&v.f->q), 2); /* a[0] and the demand load */
     sched_get_stats(v.s, &st);
     assert_int_equal(st.prefetch_cancelled, 3);
     /* completions start layer 3's, never more than one prefetch in flight */
-    for (int i = 0; i < 8 && fake_held(v.f); i++) {
-        fake_release(v.f, 1);
+    for (int i = 0; i < 8 && fq_held(&v.f->q); i++) {
+        fq_release(&v.f->q, 1);
         assert_true(count_state(&v, 3, b, 4, SCHED_LOADING) <= 1);
     }
     fake_drain(v.f);
@@ -1266,14 +1127,14 @@ static void test_prefetch_demand_first(void **state) {
         env_open(&v, &o);
         float sc[8];
         int32_t pick[4];
-        random_set(8, 4, pick);
+        tu_random_set(8, 4, pick);
         scores_top(8, pick, 2, sc);
         sched_predict(v.s, 1, sc); /* pick[0] loading, pick[1] queued, one slot free */
         assert_int_equal(state_of(&v, 1, pick[1]), SCHED_QUEUED);
         int32_t need[2] = {pick[2], pick[3]};
         assert_int_equal(sched_experts_request(v.s, 0, need, 2), MOERUN_OK);
         v.requested += 2;
-        assert_int_equal(fake_loads(v.f), 3); /* both demand loads started at once */
+        assert_int_equal(fq_calls(&v.f->q), 3); /* both demand loads started at once */
         assert_true(fake_saw(v.f, sec_of(&v.m, 0, pick[2])));
         assert_true(fake_saw(v.f, sec_of(&v.m, 0, pick[3])));
         assert_int_equal(state_of(&v, 1, pick[1]), SCHED_ABSENT);
@@ -1306,8 +1167,8 @@ static void test_batches(void **state) {
             env_open(&v, &o);
             for (int rep = 0; rep < 4; rep++) {
                 int32_t set[16];
-                uint32_t n = 4 + rnd(13);
-                random_set(16, n, set);
+                uint32_t n = 4 + tu_rnd(13);
+                tu_random_set(16, n, set);
                 experts_use(&v, (uint32_t)rep % 2, set, n);
             }
             check_stats(&v);
@@ -1348,29 +1209,29 @@ static void run_failure(bool threaded, bool ret) {
     env_open(&v, &o);
     const void *b;
     /* dense: the first load fails */
-    fake_fail(v.f, 0, ret);
+    fq_fail(&v.f->q, 0, ret);
     assert_int_equal(sched_dense_acquire(v.s, 0, &b), MOERUN_ERR_IO);
-    assert_true(contains(moerun_errmsg(), "injected"));
-    assert_true(contains(moerun_errmsg(), "layer 0"));
+    assert_true(tu_contains(moerun_errmsg(), "injected"));
+    assert_true(tu_contains(moerun_errmsg(), "layer 0"));
     dense_use(&v, 0); /* retried */
     dense_done(&v, 0);
     /* a load ahead fails (ring of 2: releasing layer 1 starts layer 3). Failed before anyone
      * waited (synchronous loader): loaded again when needed; failed while acquire(3) waited
      * (threaded): reported once, then loaded again */
     dense_use(&v, 1);
-    uint64_t n_fail = fake_loads(v.f);
-    fake_fail(v.f, (int64_t)n_fail, ret);
+    uint64_t n_fail = fq_calls(&v.f->q);
+    fq_fail(&v.f->q, (int64_t)n_fail, ret);
     dense_done(&v, 1);
-    assert_int_equal(fake_loads(v.f), n_fail + 1);
-    assert_int_equal(v.f->log_sec[n_fail], 3);
+    assert_int_equal(fq_calls(&v.f->q), n_fail + 1);
+    assert_int_equal(v.f->q.log[n_fail].id, 3);
     dense_use(&v, 2);
     dense_done(&v, 2);
     int rc3 = sched_dense_acquire(v.s, 3, &b);
     if (!threaded)
         assert_int_equal(rc3, MOERUN_OK);
     if (rc3 == MOERUN_ERR_IO) {
-        assert_true(contains(moerun_errmsg(), "injected"));
-        assert_true(contains(moerun_errmsg(), "layer 3"));
+        assert_true(tu_contains(moerun_errmsg(), "injected"));
+        assert_true(tu_contains(moerun_errmsg(), "layer 3"));
     } else {
         assert_int_equal(rc3, MOERUN_OK);
         assert_true(section_ok(&v.m, 3, b));
@@ -1379,13 +1240,13 @@ static void run_failure(bool threaded, bool ret) {
     dense_use(&v, 3);
     dense_done(&v, 3);
     bool reloaded = false; /* layer 3 was loaded again after the failure */
-    for (uint64_t i = n_fail + 1; i < fake_loads(v.f); i++)
-        reloaded |= v.f->log_sec[i] == 3;
+    for (uint64_t i = n_fail + 1; i < fq_calls(&v.f->q); i++)
+        reloaded |= v.f->q.log[i].id == 3;
     assert_true(reloaded);
 
     /* expert: the second of three fails; next reports it once, then loads it again */
-    uint64_t n0 = fake_loads(v.f);
-    fake_fail(v.f, (int64_t)n0 + 1, ret);
+    uint64_t n0 = fq_calls(&v.f->q);
+    fq_fail(&v.f->q, (int64_t)n0 + 1, ret);
     int32_t set[3] = {1, 4, 6};
     assert_int_equal(sched_experts_request(v.s, 2, set, 3), MOERUN_OK);
     v.requested += 3;
@@ -1398,8 +1259,8 @@ static void run_failure(bool threaded, bool ret) {
             break;
         if (rc == MOERUN_ERR_IO) {
             errors++;
-            assert_true(contains(moerun_errmsg(), "injected"));
-            assert_true(contains(moerun_errmsg(), "layer 2 expert 4"));
+            assert_true(tu_contains(moerun_errmsg(), "injected"));
+            assert_true(tu_contains(moerun_errmsg(), "layer 2 expert 4"));
             continue;
         }
         assert_int_equal(rc, MOERUN_OK);
@@ -1413,8 +1274,8 @@ static void run_failure(bool threaded, bool ret) {
     assert_int_equal(got, 3);
 
     /* the failing request is abandoned; the next request for it succeeds */
-    n0 = fake_loads(v.f);
-    fake_fail(v.f, (int64_t)n0, ret);
+    n0 = fq_calls(&v.f->q);
+    fq_fail(&v.f->q, (int64_t)n0, ret);
     int32_t one[2] = {0, 7};
     assert_int_equal(sched_experts_request(v.s, 3, one, 2), MOERUN_OK);
     v.requested += 2;
@@ -1427,8 +1288,8 @@ static void run_failure(bool threaded, bool ret) {
 
     /* a failed prefetch: loaded again on demand (synchronous: it failed before the request);
      * threaded: it may fail while next waits, then reported once */
-    n0 = fake_loads(v.f);
-    fake_fail(v.f, (int64_t)n0, ret);
+    n0 = fq_calls(&v.f->q);
+    fq_fail(&v.f->q, (int64_t)n0, ret);
     float sc[8];
     int32_t top[2] = {2, 3};
     scores_top(8, top, 2, sc);
@@ -1471,24 +1332,24 @@ static void test_stress(void **state) {
         struct env v;
         struct env_opts o;
         memset(&o, 0, sizeof(o));
-        o.n_layer = 2 + rnd(5);
-        o.n_expert = 4 + rnd(13);
-        o.k = 1 + rnd(o.n_expert < 4 ? o.n_expert : 4);
-        o.n_dense = 2 + rnd(o.n_layer - 1);
-        o.n_eslots = o.k + rnd(10);
+        o.n_layer = 2 + tu_rnd(5);
+        o.n_expert = 4 + tu_rnd(13);
+        o.k = 1 + tu_rnd(o.n_expert < 4 ? o.n_expert : 4);
+        o.n_dense = 2 + tu_rnd(o.n_layer - 1);
+        o.n_eslots = o.k + tu_rnd(10);
         o.policy = (enum sched_policy)(run % 3);
         o.prefetch = (run / 3) % 2 == 0;
-        o.ring_ahead = rnd(4);
-        o.prefetch_in_flight = rnd(3); /* 0: k */
+        o.ring_ahead = tu_rnd(4);
+        o.prefetch_in_flight = tu_rnd(3); /* 0: k */
         o.threaded = true;
-        o.delay_max = 1 + rnd(300);
-        o.extra = rnd(SCHED_ALIGN); /* expert slots are one page */
+        o.delay_max = 1 + tu_rnd(300);
+        o.extra = tu_rnd(SCHED_ALIGN); /* expert slots are one page */
         env_open(&v, &o);
         uint64_t fails = 0, n_io = 0;
         for (int t = 0; t < 8; t++) {
             for (uint32_t l = 0; l < o.n_layer; l++) {
-                if (rnd(8) == 0) {
-                    fake_fail(v.f, (int64_t)fake_loads(v.f) + rnd(4), false);
+                if (tu_rnd(8) == 0) {
+                    fq_fail(&v.f->q, (int64_t)fq_calls(&v.f->q) + tu_rnd(4), false);
                     fails++;
                 }
                 const void *b;
@@ -1497,23 +1358,23 @@ static void test_stress(void **state) {
                     n_io++;
                 assert_int_equal(rc, MOERUN_OK);
                 assert_true(section_ok(&v.m, sec_of(&v.m, l, -1), b));
-                uint32_t n = 1 + rnd(rnd(2) ? o.k : o.n_expert);
+                uint32_t n = 1 + tu_rnd(tu_rnd(2) ? o.k : o.n_expert);
                 int32_t set[64];
-                random_set(o.n_expert, n, set);
+                tu_random_set(o.n_expert, n, set);
                 uint32_t next_l = (l + 1) % o.n_layer;
-                if (rnd(2)) {
+                if (tu_rnd(2)) {
                     float sc[64];
                     int32_t top[4];
-                    random_set(o.n_expert, o.k, top);
+                    tu_random_set(o.n_expert, o.k, top);
                     scores_top(o.n_expert, top, o.k, sc);
                     sched_predict(v.s, next_l, sc);
                 }
-                if (rnd(3) == 0) { /* further ahead, sometimes superseded, sometimes passed */
+                if (tu_rnd(3) == 0) { /* further ahead, sometimes superseded, sometimes passed */
                     float sc[64];
                     int32_t top[4];
-                    random_set(o.n_expert, o.k, top);
+                    tu_random_set(o.n_expert, o.k, top);
                     scores_top(o.n_expert, top, o.k, sc);
-                    sched_predict(v.s, (l + 1 + rnd(o.n_layer)) % o.n_layer, sc);
+                    sched_predict(v.s, (l + 1 + tu_rnd(o.n_layer)) % o.n_layer, sc);
                 }
                 assert_int_equal(sched_experts_request(v.s, l, set, n), MOERUN_OK);
                 v.requested += n;
@@ -1563,5 +1424,5 @@ int main(void) {
         cmocka_unit_test(test_failure),
         cmocka_unit_test(test_stress),
     };
-    return cmocka_run_group_tests(tests, setup_rng, NULL);
+    return cmocka_run_group_tests(tests, tu_rng_setup, NULL);
 }

@@ -7,6 +7,7 @@
  * device is compared with the file's bytes, and the uploader checks that the host slot it
  * copies from still holds the section (nothing evicted while pinned). Fresh random data each
  * run (MOERUN_TEST_SEED replays a run). */
+#include "fake_queue.h"
 #include "testutil.h"
 
 #include "internal.h"
@@ -21,22 +22,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-static struct tu_rng rng;
-
-static int setup_rng(void **state) {
-    (void)state;
-    tu_rng_init(&rng, tu_seed());
-    return 0;
-}
-
-static uint32_t rnd(uint32_t n) { /* [0, n) */
-    return (uint32_t)(tu_rng_u64(&rng) % n);
-}
-
-static bool contains(const char *hay, const char *needle) {
-    return hay && strstr(hay, needle) != NULL;
-}
 
 static uint64_t align_up(uint64_t x) {
     return (x + SCHED_ALIGN - 1) / SCHED_ALIGN * SCHED_ALIGN;
@@ -64,18 +49,18 @@ static void model_make(struct model *m, uint32_t n_layer, uint32_t n_expert) {
         bool dense = i < n_layer;
         c->layer = dense ? i : (i - n_layer) / n_expert;
         c->expert = dense ? -1 : (int32_t)((i - n_layer) % n_expert);
-        c->n_ranges = dense ? 3 + rnd(4) : 3;
+        c->n_ranges = dense ? 3 + tu_rnd(4) : 3;
         uint64_t so = 0;
         for (uint32_t r = 0; r < c->n_ranges; r++) {
-            off += 32 * rnd(8);
+            off += 32 * tu_rnd(8);
             c->ranges[r].file_offset = off;
-            c->ranges[r].bytes = dense ? 2000 + rnd(3000) : 200 + rnd(1200);
-            so += rnd(4) * 64;
+            c->ranges[r].bytes = dense ? 2000 + tu_rnd(3000) : 200 + tu_rnd(1200);
+            so += tu_rnd(4) * 64;
             c->ranges[r].slot_offset = so;
             so += c->ranges[r].bytes;
             off += c->ranges[r].bytes;
         }
-        c->slot_bytes = so + rnd(64);
+        c->slot_bytes = so + tu_rnd(64);
         uint64_t a = align_up(c->slot_bytes);
         m->packed += a;
         if (dense)
@@ -86,7 +71,7 @@ static void model_make(struct model *m, uint32_t n_layer, uint32_t n_expert) {
     m->file = malloc(off + 64);
     assert_non_null(m->file);
     for (uint64_t i = 0; i < off + 64; i++)
-        m->file[i] = (uint8_t)tu_rng_u64(&rng);
+        m->file[i] = (uint8_t)tu_rng_u64(&tu_main_rng);
 }
 
 static void model_free(struct model *m) {
@@ -108,43 +93,6 @@ static bool section_ok(const struct model *m, uint32_t sec, const void *base) {
     return true;
 }
 
-/* ---- fake workers: the reader and the uploader ------------------------------------------------
- */
-
-#define QMAX   1024
-#define LOGMAX 4096
-
-struct job {
-    uint32_t sec;
-    const void *src; /* uploader: the host slot */
-    void *dst;
-    uint64_t tag;
-    bool fail;
-};
-
-struct env;
-
-struct fakeq {
-    struct env *v;
-    bool is_reader;
-    bool threaded;      /* work runs on the fake's thread */
-    bool hold;          /* work waits until fq_release */
-    bool fail_return;   /* an injected failure is the call's return, else a failed completion */
-    int64_t fail_nth;   /* this call (from 0) fails; -1 none */
-    uint32_t delay_max; /* threaded: microseconds */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct job q[QMAX];
-    uint32_t head, n;
-    bool running, stop;
-    void *running_dst; /* the job running now's */
-    pthread_t th;
-    struct tu_rng rng;
-    uint64_t calls;
-    uint32_t log[LOGMAX]; /* sections, in call order */
-    bool violated;
-};
-
 /* ---- environment ---------------------------------------------------------------------------- */
 
 struct done_rec {
@@ -164,32 +112,36 @@ struct env {
     uint64_t region_bytes;
     uint8_t *dev; /* fake device memory: one place per section (or the scheduler's region) */
     uint64_t dev_stride;
-    struct fakeq rd, up;
+    struct fake_queue rd, up; /* the fake reader and uploader; jobs' items are sections */
     struct done_rec dn;
 };
 
-static void *fq_dst(struct env *v, uint32_t sec) {
+static void *dev_at(struct env *v, uint32_t sec) {
     return v->dev + (uint64_t)sec * v->dev_stride;
 }
 
-static void fq_run(struct fakeq *f, struct job *j) {
-    struct env *v = f->v;
-    const struct sched_section *c = &v->m.secs[j->sec];
-    if (f->is_reader) {
-        if (!j->fail)
-            for (uint32_t r = 0; r < c->n_ranges; r++)
-                memcpy((uint8_t *)j->dst + c->ranges[r].slot_offset,
-                       v->m.file + c->ranges[r].file_offset, c->ranges[r].bytes);
-        else
-            memset(j->dst, 0xA5, c->slot_bytes); /* garbage must never reach the device */
-        stage_read_done(v->st, j->tag, j->fail ? MOERUN_ERR_IO : MOERUN_OK,
-                        j->fail ? "fake: injected read failure" : NULL);
-        return;
-    }
-    if (!section_ok(&v->m, j->sec, j->src)) { /* the host slot was reused while pinned */
-        pthread_mutex_lock(&f->mu);
-        f->violated = true;
-        pthread_mutex_unlock(&f->mu);
+/* ---- fake workers: the reader and the uploader ----------------------------------------------- */
+
+static void read_run(void *user, const struct fq_job *j) {
+    struct env *v = user;
+    const struct sched_section *c = j->item;
+    if (!j->fail)
+        for (uint32_t r = 0; r < c->n_ranges; r++)
+            memcpy((uint8_t *)j->dst + c->ranges[r].slot_offset,
+                   v->m.file + c->ranges[r].file_offset, c->ranges[r].bytes);
+    else
+        memset(j->dst, 0xA5, c->slot_bytes); /* garbage must never reach the device */
+    stage_read_done(v->st, j->tag, j->fail ? MOERUN_ERR_IO : MOERUN_OK,
+                    j->fail ? "fake: injected read failure" : NULL);
+}
+
+static void upload_run(void *user, const struct fq_job *j) {
+    struct env *v = user;
+    const struct sched_section *c = j->item;
+    if (!section_ok(&v->m, sec_index(&v->m, c), j->src)) { /* host slot reused while pinned */
+        pthread_mutex_lock(&v->up.mu);
+        v->up.violated = true;
+        pthread_mutex_unlock(&v->up.mu);
     }
     if (!j->fail)
         for (uint32_t r = 0; r < c->n_ranges; r++)
@@ -199,148 +151,40 @@ static void fq_run(struct fakeq *f, struct job *j) {
                       j->fail ? "fake: injected upload failure" : NULL);
 }
 
-static int fq_call(struct fakeq *f, const struct sched_section *sec, const void *src, void *dst,
-                   uint64_t tag) {
-    pthread_mutex_lock(&f->mu);
-    uint64_t idx = f->calls++;
-    uint32_t s = sec_index(&f->v->m, sec);
-    if (idx < LOGMAX)
-        f->log[idx] = s;
-    struct job j = {s, src, dst, tag, (int64_t)idx == f->fail_nth};
-    if (j.fail && f->fail_return) {
-        pthread_mutex_unlock(&f->mu);
-        return mr_err(f->is_reader ? MOERUN_ERR_IO : MOERUN_ERR_BACKEND,
-                      "fake: injected %s refusal", f->is_reader ? "read" : "upload");
-    }
-    if (f->threaded || f->hold) {
-        if (f->n == QMAX)
-            f->violated = true;
-        else
-            f->q[(f->head + f->n++) % QMAX] = j;
-        pthread_cond_broadcast(&f->cv);
-        pthread_mutex_unlock(&f->mu);
-        return MOERUN_OK;
-    }
-    pthread_mutex_unlock(&f->mu);
-    fq_run(f, &j);
-    return MOERUN_OK;
-}
-
 static int fake_read(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag) {
-    return fq_call(ctx, sec, NULL, dst, tag);
+    struct env *v = ctx;
+    struct fq_job j = {.item = sec, .dst = dst, .tag = tag};
+    if (!fq_submit(&v->rd, &j, sec_index(&v->m, sec)))
+        return mr_err(MOERUN_ERR_IO, "fake: injected read refusal");
+    return MOERUN_OK;
 }
 
 static int fake_upload(void *ctx, const struct sched_section *sec, const void *src, void *dst,
                        uint64_t tag) {
-    return fq_call(ctx, sec, src, dst, tag);
+    struct env *v = ctx;
+    struct fq_job j = {.item = sec, .src = src, .dst = dst, .tag = tag};
+    if (!fq_submit(&v->up, &j, sec_index(&v->m, sec)))
+        return mr_err(MOERUN_ERR_BACKEND, "fake: injected upload refusal");
+    return MOERUN_OK;
 }
 
-static void *fq_thread(void *arg) {
-    struct fakeq *f = arg;
-    pthread_mutex_lock(&f->mu);
-    for (;;) {
-        while ((!f->n || f->hold) && !f->stop)
-            pthread_cond_wait(&f->cv, &f->mu);
-        if (!f->n || f->hold)
-            break;
-        struct job j = f->q[f->head];
-        f->head = (f->head + 1) % QMAX;
-        f->n--;
-        f->running = true;
-        f->running_dst = j.dst;
-        uint32_t us = f->delay_max ? (uint32_t)(tu_rng_u64(&f->rng) % f->delay_max) : 0;
-        pthread_mutex_unlock(&f->mu);
-        struct timespec ts = {0, (long)us * 1000};
-        nanosleep(&ts, NULL);
-        fq_run(f, &j);
-        pthread_mutex_lock(&f->mu);
-        f->running = false;
-        pthread_cond_broadcast(&f->cv);
-    }
-    pthread_mutex_unlock(&f->mu);
-    return NULL;
-}
-
-static void fq_init(struct fakeq *f, struct env *v, bool is_reader, bool threaded,
-                    uint32_t delay_max) {
-    memset(f, 0, sizeof(*f));
-    f->v = v;
-    f->is_reader = is_reader;
-    f->threaded = threaded;
-    f->fail_nth = -1;
-    f->delay_max = delay_max;
-    tu_rng_init(&f->rng, tu_rng_u64(&rng));
-    pthread_mutex_init(&f->mu, NULL);
-    pthread_cond_init(&f->cv, NULL);
-    if (threaded)
-        assert_int_equal(pthread_create(&f->th, NULL, fq_thread, f), 0);
-}
-
-static void fq_stop(struct fakeq *f) {
-    if (f->threaded) {
-        pthread_mutex_lock(&f->mu);
-        f->stop = true;
-        pthread_cond_broadcast(&f->cv);
-        pthread_mutex_unlock(&f->mu);
-        pthread_join(f->th, NULL);
-    }
-    assert_false(f->violated);
-    pthread_cond_destroy(&f->cv);
-    pthread_mutex_destroy(&f->mu);
-}
-
-static void fq_fail(struct fakeq *f, int64_t nth, bool ret) {
-    pthread_mutex_lock(&f->mu);
-    f->fail_nth = nth;
-    f->fail_return = ret;
-    pthread_mutex_unlock(&f->mu);
-}
-
-static void fq_hold(struct fakeq *f, bool hold) {
-    pthread_mutex_lock(&f->mu);
-    f->hold = hold;
-    pthread_cond_broadcast(&f->cv);
-    pthread_mutex_unlock(&f->mu);
-}
-
-/* Run the oldest n held jobs on this thread; returns how many ran. */
-static uint32_t fq_release(struct fakeq *f, uint32_t n) {
-    uint32_t done = 0;
-    for (; done < n; done++) {
-        pthread_mutex_lock(&f->mu);
-        if (!f->n) {
-            pthread_mutex_unlock(&f->mu);
-            break;
-        }
-        struct job j = f->q[f->head];
-        f->head = (f->head + 1) % QMAX;
-        f->n--;
-        pthread_mutex_unlock(&f->mu);
-        fq_run(f, &j);
-    }
-    return done;
-}
-
-static uint32_t fq_held(struct fakeq *f) {
-    pthread_mutex_lock(&f->mu);
-    uint32_t n = f->n;
-    pthread_mutex_unlock(&f->mu);
-    return n;
-}
-
-static uint64_t fq_calls(struct fakeq *f) {
-    pthread_mutex_lock(&f->mu);
-    uint64_t n = f->calls;
-    pthread_mutex_unlock(&f->mu);
-    return n;
+static void worker_init(struct env *v, struct fake_queue *q,
+                        void (*run)(void *, const struct fq_job *), bool threaded,
+                        uint32_t delay_max) {
+    struct fq_params p = {.run = run,
+                          .user = v,
+                          .threaded = threaded,
+                          .delay_max = delay_max,
+                          .seed = tu_rng_u64(&tu_main_rng)};
+    assert_int_equal(fq_init(q, &p), 0);
 }
 
 /* Wait (up to 10 s) until the fake holds at least n jobs (the stage's thread starts queued
  * requests asynchronously). */
-static void fq_wait_held(struct fakeq *f, uint32_t n) {
-    for (int i = 0; i < 10000 && fq_held(f) < n; i++)
+static void wait_held(struct fake_queue *q, uint32_t n) {
+    for (int i = 0; i < 10000 && fq_held(q) < n; i++)
         usleep(1000);
-    assert_true(fq_held(f) >= n);
+    assert_true(fq_held(q) >= n);
 }
 
 /* ---- completions ---------------------------------------------------------------------------- */
@@ -424,8 +268,8 @@ static void env_open(struct env *v, const struct env_opts *o) {
     assert_true(v->dn.count && v->dn.status && v->dn.msg);
     pthread_mutex_init(&v->dn.mu, NULL);
     pthread_cond_init(&v->dn.cv, NULL);
-    fq_init(&v->rd, v, true, o->rd_threaded, o->delay_max);
-    fq_init(&v->up, v, false, o->up_threaded, o->delay_max);
+    worker_init(v, &v->rd, read_run, o->rd_threaded, o->delay_max);
+    worker_init(v, &v->up, upload_run, o->up_threaded, o->delay_max);
     struct stage_params p = {
         .region = v->region,
         .region_bytes = v->region_bytes,
@@ -435,8 +279,8 @@ static void env_open(struct env *v, const struct env_opts *o) {
         .n_expert = o->n_expert,
         .max_in_flight = o->max_in_flight,
         .n_dense_slots = o->n_dense_slots,
-        .reader = {fake_read, &v->rd},
-        .uploader = {fake_upload, &v->up},
+        .reader = {fake_read, v},
+        .uploader = {fake_upload, v},
         .done = on_done,
         .done_user = v,
     };
@@ -454,6 +298,8 @@ static void env_close(struct env *v) {
     stage_destroy(v->st);
     fq_stop(&v->rd);
     fq_stop(&v->up);
+    assert_false(v->rd.violated);
+    assert_false(v->up.violated);
     pthread_cond_destroy(&v->dn.cv);
     pthread_mutex_destroy(&v->dn.mu);
     free(v->dn.count);
@@ -466,7 +312,7 @@ static void env_close(struct env *v) {
 
 static int load(struct env *v, uint32_t sec) {
     struct sched_loader ld = stage_loader(v->st);
-    return ld.load(ld.ctx, &v->m.secs[sec], fq_dst(v, sec), sec);
+    return ld.load(ld.ctx, &v->m.secs[sec], dev_at(v, sec), sec);
 }
 
 /* Load sec and wait for its completion (and, threaded, its bytes): returns the status. */
@@ -481,10 +327,7 @@ static int load_wait(struct env *v, uint32_t sec) {
 /* Wait until the uploader has nothing queued or running (the bytes are on the device). */
 static void settle_uploads(struct env *v) {
     for (int i = 0; i < 10000; i++) {
-        pthread_mutex_lock(&v->up.mu);
-        bool idle = !v->up.n && !v->up.running;
-        pthread_mutex_unlock(&v->up.mu);
-        if (idle)
+        if (fq_idle(&v->up))
             return;
         usleep(1000);
     }
@@ -496,7 +339,7 @@ static void settle_uploads(struct env *v) {
 static void test_layout(void **state) {
     (void)state;
     struct model m;
-    const uint32_t L = 3 + rnd(4), E = 4 + rnd(8);
+    const uint32_t L = 3 + tu_rnd(4), E = 4 + tu_rnd(8);
     model_make(&m, L, E);
     const uint64_t slots_min = 2 * m.dslot + 3 * m.eslot;
     const uint64_t min = slots_min < m.packed ? slots_min : m.packed;
@@ -519,8 +362,8 @@ static void test_layout(void **state) {
                              .n_layer = L,
                              .n_expert = E,
                              .max_in_flight = 3,
-                             .reader = {fake_read, &dummy.rd},
-                             .uploader = {fake_upload, &dummy.up},
+                             .reader = {fake_read, &dummy},
+                             .uploader = {fake_upload, &dummy},
                              .done = on_done,
                              .done_user = &dummy};
     struct stage *st = (struct stage *)&p; /* must be reset to NULL on failure */
@@ -529,8 +372,8 @@ static void test_layout(void **state) {
     assert_null(st);
     char num[32];
     snprintf(num, sizeof(num), "%llu", (unsigned long long)min);
-    assert_true(contains(moerun_errmsg(), num));
-    assert_true(contains(moerun_errmsg(), "MiB"));
+    assert_true(tu_contains(moerun_errmsg(), num));
+    assert_true(tu_contains(moerun_errmsg(), "MiB"));
 
     const uint64_t all_dense = L * m.dslot + 3 * m.eslot;
     struct {
@@ -603,9 +446,9 @@ static void run_hits(bool threaded, bool packed) {
                          .delay_max = 200};
     if (packed) {
         struct model tmp; /* same draws as env_open's model: size the region from a twin */
-        struct tu_rng save = rng;
+        struct tu_rng save = tu_main_rng;
         model_make(&tmp, o.n_layer, o.n_expert);
-        rng = save;
+        tu_main_rng = save;
         o.region_bytes = tmp.packed;
         model_free(&tmp);
     }
@@ -618,7 +461,7 @@ static void run_hits(bool threaded, bool packed) {
             assert_int_equal(load_wait(&v, i), MOERUN_OK);
     settle_uploads(&v);
     for (uint32_t i = 0; i < v.m.n_sections; i++)
-        assert_true(section_ok(&v.m, i, fq_dst(&v, i)));
+        assert_true(section_ok(&v.m, i, dev_at(&v, i)));
     struct stage_stats st;
     stage_get_stats(v.st, &st);
     assert_int_equal(st.host_hits + st.host_misses, 2 * v.m.n_sections);
@@ -679,7 +522,7 @@ static void test_eviction(void **state) {
     uint64_t hits = 0, misses = 0;
     for (size_t i = 0; i < MR_ARRAY_LEN(seq); i++) {
         assert_int_equal(load_wait(&v, seq[i].sec), MOERUN_OK);
-        assert_true(section_ok(&v.m, seq[i].sec, fq_dst(&v, seq[i].sec)));
+        assert_true(section_ok(&v.m, seq[i].sec, dev_at(&v, seq[i].sec)));
         struct stage_stats st;
         stage_get_stats(v.st, &st);
         hits += seq[i].hit;
@@ -731,10 +574,10 @@ static void run_queue(bool hold_uploads) {
         assert_int_equal(fq_release(&v.up, 3), 3);
     }
     for (int round = 0; round < 2; round++) {
-        fq_wait_held(&v.rd, 2);
+        wait_held(&v.rd, 2);
         assert_int_equal(fq_release(&v.rd, 2), 2);
         if (hold_uploads) {
-            fq_wait_held(&v.up, 2);
+            wait_held(&v.up, 2);
             assert_int_equal(fq_release(&v.up, 2), 2);
         }
     }
@@ -743,8 +586,8 @@ static void run_queue(bool hold_uploads) {
     assert_int_equal(wait_done(&v, 1, 1), MOERUN_OK);
     settle_uploads(&v);
     for (int i = 0; i < 6; i++) {
-        assert_true(section_ok(&v.m, secs[i], fq_dst(&v, secs[i])));
-        assert_int_equal(v.rd.log[i < 2 ? i : i + 1], secs[i]); /* FIFO */
+        assert_true(section_ok(&v.m, secs[i], dev_at(&v, secs[i])));
+        assert_int_equal(v.rd.log[i < 2 ? i : i + 1].id, secs[i]); /* FIFO */
     }
     env_close(&v);
 }
@@ -755,10 +598,8 @@ static void test_queue(void **state) {
     run_queue(true);
 }
 
-/* A read that fails (callback) or is refused (return): the error reaches done or load's caller,
- * the slot is left free, and the next load of the section works. */
-static void run_read_error(bool threaded) {
-    struct env v;
+/* The error tests' env: 2 layers of 6 experts, host slots for 2 dense parts and 2 experts. */
+static void env_open_small(struct env *v, bool threaded) {
     struct env_opts o = {.n_layer = 2,
                          .n_expert = 6,
                          .n_dense = 2,
@@ -766,17 +607,24 @@ static void run_read_error(bool threaded) {
                          .rd_threaded = threaded,
                          .up_threaded = threaded,
                          .delay_max = 100};
-    env_open(&v, &o);
+    env_open(v, &o);
+}
+
+/* A read that fails (callback) or is refused (return): the error reaches done or load's caller,
+ * the slot is left free, and the next load of the section works. */
+static void run_read_error(bool threaded) {
+    struct env v;
+    env_open_small(&v, threaded);
     fq_fail(&v.rd, 0, false);
     assert_int_equal(load_wait(&v, 4), MOERUN_ERR_IO);
-    assert_true(contains(v.dn.msg[4], "injected read failure"));
+    assert_true(tu_contains(v.dn.msg[4], "injected read failure"));
     assert_int_equal(load_wait(&v, 4), MOERUN_OK);
     settle_uploads(&v);
-    assert_true(section_ok(&v.m, 4, fq_dst(&v, 4)));
+    assert_true(section_ok(&v.m, 4, dev_at(&v, 4)));
 
     fq_fail(&v.rd, (int64_t)fq_calls(&v.rd), true);
     assert_int_equal(load(&v, 5), MOERUN_ERR_IO);
-    assert_true(contains(moerun_errmsg(), "injected read refusal"));
+    assert_true(tu_contains(moerun_errmsg(), "injected read refusal"));
     assert_int_equal(done_count(&v, 5), 0); /* no callback */
     assert_int_equal(load_wait(&v, 5), MOERUN_OK);
 
@@ -789,14 +637,14 @@ static void run_read_error(bool threaded) {
     fq_fail(&v.rd, (int64_t)fq_calls(&v.rd), true);
     assert_int_equal(fq_release(&v.rd, 2), 2);
     assert_int_equal(wait_done(&v, 8, 1), MOERUN_ERR_IO);
-    assert_true(contains(v.dn.msg[8], "injected read refusal"));
+    assert_true(tu_contains(v.dn.msg[8], "injected read refusal"));
     fq_hold(&v.rd, false);
     assert_int_equal(wait_done(&v, 6, 1), MOERUN_OK);
     assert_int_equal(wait_done(&v, 7, 1), MOERUN_OK);
     assert_int_equal(load_wait(&v, 8), MOERUN_OK);
     settle_uploads(&v);
     for (uint32_t s = 4; s <= 8; s++)
-        assert_true(section_ok(&v.m, s, fq_dst(&v, s)));
+        assert_true(section_ok(&v.m, s, dev_at(&v, s)));
     struct stage_stats st;
     stage_get_stats(v.st, &st);
     assert_int_equal(st.read_errors, 3);
@@ -813,17 +661,10 @@ static void test_read_error(void **state) {
  * that fails after it was enqueued (counted); the host copy stays good and the next load works. */
 static void run_upload_error(bool threaded) {
     struct env v;
-    struct env_opts o = {.n_layer = 2,
-                         .n_expert = 6,
-                         .n_dense = 2,
-                         .n_eslots = 2,
-                         .rd_threaded = threaded,
-                         .up_threaded = threaded,
-                         .delay_max = 100};
-    env_open(&v, &o);
+    env_open_small(&v, threaded);
     fq_fail(&v.up, 0, true);
     assert_int_equal(load_wait(&v, 3), MOERUN_ERR_BACKEND);
-    assert_true(contains(v.dn.msg[3], "injected upload refusal"));
+    assert_true(tu_contains(v.dn.msg[3], "injected upload refusal"));
     assert_int_equal(load_wait(&v, 3), MOERUN_OK); /* from the host slot */
     struct stage_stats st;
     stage_get_stats(v.st, &st);
@@ -832,7 +673,7 @@ static void run_upload_error(bool threaded) {
 
     fq_fail(&v.up, (int64_t)fq_calls(&v.up), true);
     assert_int_equal(load(&v, 3), MOERUN_ERR_BACKEND); /* a hit refused: no callback */
-    assert_true(contains(moerun_errmsg(), "injected upload refusal"));
+    assert_true(tu_contains(moerun_errmsg(), "injected upload refusal"));
     assert_int_equal(done_count(&v, 3), 2);
     assert_int_equal(load_wait(&v, 3), MOERUN_OK);
 
@@ -845,7 +686,7 @@ static void run_upload_error(bool threaded) {
     assert_int_equal(load_wait(&v, 12), MOERUN_OK);
     settle_uploads(&v);
     for (uint32_t s = 10; s <= 12; s++)
-        assert_true(section_ok(&v.m, s, fq_dst(&v, s)));
+        assert_true(section_ok(&v.m, s, dev_at(&v, s)));
     stage_get_stats(v.st, &st);
     assert_int_equal(st.upload_errors, 3);
     env_close(&v);
@@ -865,16 +706,16 @@ static void test_destroy_in_flight(void **state) {
         struct env_opts o = {.n_layer = 3,
                              .n_expert = 8,
                              .n_dense = 2,
-                             .n_eslots = 1 + rnd(4),
+                             .n_eslots = 1 + tu_rnd(4),
                              .rd_threaded = true,
                              .up_threaded = true,
                              .delay_max = 500};
         env_open(&v, &o);
         if (run % 2)
-            fq_fail(&v.rd, rnd(8), false);
+            fq_fail(&v.rd, tu_rnd(8), false);
         uint32_t n = 0;
         for (uint32_t i = 0; i < v.m.n_sections; i++)
-            if (rnd(2)) {
+            if (tu_rnd(2)) {
                 assert_int_equal(load(&v, i), MOERUN_OK);
                 n++;
             }
@@ -890,41 +731,19 @@ static void test_destroy_in_flight(void **state) {
 
 static void scores_top(uint32_t n_expert, const int32_t *top, uint32_t k, float *sc) {
     for (uint32_t e = 0; e < n_expert; e++)
-        sc[e] = 0.01f * (float)rnd(10);
+        sc[e] = 0.01f * (float)tu_rnd(10);
     for (uint32_t i = 0; i < k; i++)
         sc[top[i]] = 0.9f - 0.1f * (float)i;
-}
-
-static void random_set(uint32_t n_expert, uint32_t n, int32_t *set) {
-    int32_t all[64];
-    for (uint32_t i = 0; i < n_expert; i++)
-        all[i] = (int32_t)i;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t j = i + rnd(n_expert - i);
-        int32_t t = all[i];
-        all[i] = all[j];
-        all[j] = t;
-        set[i] = all[i];
-    }
 }
 
 /* Wait until no upload into base is queued or running, then check its bytes: the real device
  * orders compute after the upload with events; the fake's lock stands in for that. */
 static void await_bytes(struct env *v, uint32_t sec, const void *base) {
-    struct fakeq *f = &v->up;
-    for (int i = 0; i < 100000; i++) {
-        pthread_mutex_lock(&f->mu);
-        bool pending = f->running && f->running_dst == base;
-        for (uint32_t q = 0; q < f->n; q++)
-            pending |= f->q[(f->head + q) % QMAX].dst == base;
-        pthread_mutex_unlock(&f->mu);
-        if (!pending)
-            break;
+    for (int i = 0; i < 100000 && fq_pending(&v->up, base); i++)
         usleep(100);
-    }
-    pthread_mutex_lock(&f->mu);
+    pthread_mutex_lock(&v->up.mu);
     bool ok = section_ok(&v->m, sec, base);
-    pthread_mutex_unlock(&f->mu);
+    pthread_mutex_unlock(&v->up.mu);
     assert_true(ok);
 }
 
@@ -932,21 +751,21 @@ static void run_with_sched(uint32_t run) {
     struct env v;
     struct env_opts o;
     memset(&o, 0, sizeof(o));
-    o.n_layer = 2 + rnd(4);
-    o.n_expert = 4 + rnd(9);
+    o.n_layer = 2 + tu_rnd(4);
+    o.n_expert = 4 + tu_rnd(9);
     o.n_dense = 2;
-    o.n_eslots = 1 + rnd(6);
-    o.max_in_flight = 1 + rnd(3);
+    o.n_eslots = 1 + tu_rnd(6);
+    o.max_in_flight = 1 + tu_rnd(3);
     if (o.n_eslots < o.max_in_flight)
         o.n_eslots = o.max_in_flight;
     o.rd_threaded = run % 4 != 0;
     o.up_threaded = run % 4 != 1;
-    o.delay_max = 1 + rnd(200);
+    o.delay_max = 1 + tu_rnd(200);
     env_open(&v, &o);
-    const uint32_t k = 1 + rnd(o.n_expert < 3 ? o.n_expert : 3);
+    const uint32_t k = 1 + tu_rnd(o.n_expert < 3 ? o.n_expert : 3);
     /* the device: the scheduler's region, a ring or every dense part, a few expert slots */
     uint64_t dd = v.m.dslot, de = v.m.eslot;
-    uint32_t dev_dense = rnd(2) ? 2 : o.n_layer, dev_exp = k + rnd(5);
+    uint32_t dev_dense = tu_rnd(2) ? 2 : o.n_layer, dev_exp = k + tu_rnd(5);
     uint64_t dev_bytes = dev_dense * dd + dev_exp * de;
     free(v.dev);
     v.dev = aligned_alloc(SCHED_ALIGN, align_up(dev_bytes));
@@ -966,11 +785,11 @@ static void run_with_sched(uint32_t run) {
     uint64_t requested = 0, fails = 0, n_io = 0;
     for (int t = 0; t < 6; t++) {
         for (uint32_t l = 0; l < o.n_layer; l++) {
-            if (rnd(10) == 0) { /* a read failing or refused, or an upload refused (one that
-                                   failed after it was enqueued would leave the fake device
-                                   stale: a real one reports it on its stream) */
-                struct fakeq *f = rnd(2) ? &v.rd : &v.up;
-                fq_fail(f, (int64_t)fq_calls(f) + rnd(3), f == &v.up || rnd(2));
+            /* a read failing or refused, or an upload refused (one that failed after it was
+             * enqueued would leave the fake device stale: a real one reports it on its stream) */
+            if (tu_rnd(10) == 0) {
+                struct fake_queue *f = tu_rnd(2) ? &v.rd : &v.up;
+                fq_fail(f, (int64_t)fq_calls(f) + tu_rnd(3), f == &v.up || tu_rnd(2));
                 fails++;
             }
             const void *b;
@@ -980,16 +799,16 @@ static void run_with_sched(uint32_t run) {
                 n_io++;
             }
             await_bytes(&v, l, b);
-            if (rnd(2)) {
+            if (tu_rnd(2)) {
                 float sc[64];
                 int32_t top[4];
-                random_set(o.n_expert, k, top);
+                tu_random_set(o.n_expert, k, top);
                 scores_top(o.n_expert, top, k, sc);
                 sched_predict(s, (l + 1) % o.n_layer, sc);
             }
             int32_t set[64];
-            uint32_t n = 1 + rnd(rnd(2) ? k : o.n_expert);
-            random_set(o.n_expert, n, set);
+            uint32_t n = 1 + tu_rnd(tu_rnd(2) ? k : o.n_expert);
+            tu_random_set(o.n_expert, n, set);
             assert_int_equal(sched_experts_request(s, l, set, n), MOERUN_OK);
             requested += n;
             uint32_t got = 0;
@@ -1043,5 +862,5 @@ int main(void) {
         cmocka_unit_test(test_destroy_in_flight),
         cmocka_unit_test(test_with_sched),
     };
-    return cmocka_run_group_tests(tests, setup_rng, NULL);
+    return cmocka_run_group_tests(tests, tu_rng_setup, NULL);
 }

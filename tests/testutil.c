@@ -71,6 +71,35 @@ void tu_fill_normal(struct tu_rng *r, float *x, size_t n, float scale) {
         x[i] = (float)(tu_rng_normal(r) * scale);
 }
 
+struct tu_rng tu_main_rng;
+
+int tu_rng_setup(void **state) {
+    (void)state;
+    tu_rng_init(&tu_main_rng, tu_seed());
+    return 0;
+}
+
+uint32_t tu_rnd(uint32_t n) {
+    return (uint32_t)(tu_rng_u64(&tu_main_rng) % n);
+}
+
+void tu_random_set(uint32_t n_all, uint32_t n, int32_t *set) {
+    int32_t all[64];
+    for (uint32_t i = 0; i < n_all; i++)
+        all[i] = (int32_t)i;
+    for (uint32_t i = 0; i < n; i++) { /* a partial Fisher-Yates shuffle */
+        uint32_t j = i + tu_rnd(n_all - i);
+        int32_t t = all[i];
+        all[i] = all[j];
+        all[j] = t;
+        set[i] = all[i];
+    }
+}
+
+bool tu_contains(const char *hay, const char *needle) {
+    return hay && strstr(hay, needle) != NULL;
+}
+
 double tu_rel_l2(const float *a, const double *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {

@@ -3,6 +3,7 @@
 #define MOERUN_TESTUTIL_H
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <setjmp.h> /* cmocka.h needs these first */
 #include <stdint.h>
@@ -21,6 +22,18 @@ uint64_t tu_rng_u64(struct tu_rng *r);
 double tu_rng_uniform(struct tu_rng *r); /* [0, 1) */
 double tu_rng_normal(struct tu_rng *r);  /* N(0, 1) */
 void tu_fill_normal(struct tu_rng *r, float *x, size_t n, float scale);
+
+/* The test program's own random source, seeded with tu_seed() by tu_rng_setup, a CMocka group
+ * setup: cmocka_run_group_tests(tests, tu_rng_setup, NULL). */
+extern struct tu_rng tu_main_rng;
+int tu_rng_setup(void **state);
+uint32_t tu_rnd(uint32_t n); /* [0, n) from tu_main_rng; n > 0 */
+/* set[0..n) = n distinct values of [0, n_all) in random order, from tu_main_rng; n <= n_all
+ * <= 64. */
+void tu_random_set(uint32_t n_all, uint32_t n, int32_t *set);
+
+/* hay is not NULL and holds needle (an error message names what it should). */
+bool tu_contains(const char *hay, const char *needle);
 
 /* ||a - b|| / ||b|| over n values (b in float64); 0 when both are zero. */
 double tu_rel_l2(const float *a, const double *b, size_t n);
