@@ -298,7 +298,18 @@ static void use1(struct env *v, uint32_t l, int32_t e) {
 /* hits + misses = requests; loads and bytes match what the loader was asked for */
 static void check_stats(struct env *v) {
     struct sched_stats st;
-    sched_get_stats(v->s, &st);
+    /* A load is counted when the scheduler decides it, under its lock, and reaches the loader
+     * once the lock is dropped: a completion thread may be between the two (starting queued
+     * prefetches). Wait for the loader to see every counted load (a lost one never arrives). */
+    for (int tries = 0;; tries++) {
+        sched_get_stats(v->s, &st);
+        pthread_mutex_lock(&v->f->q.mu);
+        const bool settled = st.loads == v->f->q.calls && st.bytes_loaded == v->f->bytes;
+        pthread_mutex_unlock(&v->f->q.mu);
+        if (settled || tries == 2000)
+            break;
+        usleep(1000);
+    }
     assert_int_equal(st.expert_hits + st.expert_misses, v->requested);
     pthread_mutex_lock(&v->f->q.mu);
     assert_int_equal(st.loads, v->f->q.calls);
