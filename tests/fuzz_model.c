@@ -1,6 +1,7 @@
 /* libFuzzer: the whole model path on hostile files. Each input is a model file: open it
  * (reader, hyper-parameters, tensor binding, tokenizer), and when it opens, tokenize, make a
- * small session and evaluate two tokens. Any crash, leak, undefined behaviour or oversized
+ * small session and evaluate two tokens (on the CPU, and for the files that open, through the
+ * GPU path on the simulated device too). Any crash, leak, undefined behaviour or oversized
  * allocation is a finding; errors are the expected outcome for most inputs. */
 #include "moerun.h"
 
@@ -60,14 +61,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     char path[64];
     snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-    for (int metadata_only = 0; metadata_only <= 1; metadata_only++) {
+    /* all in memory; metadata only; and for the files that open, the GPU path on the
+     * simulated device (GPU tier, pinned host stage, NVMe tier, scheduler) */
+    int opened = 0;
+    for (int mode = 0; mode <= (opened ? 2 : 1); mode++) {
+        const int metadata_only = mode == 1;
         moerun_model_params mp;
         moerun_model_params_init(&mp);
         mp.n_threads = 1;
         mp.metadata_only = metadata_only;
+        if (mode == 2) {
+            mp.device = MOERUN_DEVICE_SIM;
+            mp.gpu_bytes = 8u << 20;
+            mp.gpu_ctx = 8;
+            mp.gpu_batch = 4;
+            mp.direct_io = 0;
+        }
         moerun_model *m = NULL;
-        if (moerun_model_open(path, &mp, &m) == MOERUN_OK)
+        if (moerun_model_open(path, &mp, &m) == MOERUN_OK) {
+            opened |= mode == 0;
             exercise(m, !metadata_only);
+        }
         moerun_model_close(m);
     }
     close(fd);
