@@ -35,8 +35,6 @@ static const size_t expert_fields[3] = {
     offsetof(struct mr_layer, down_exps),
 };
 
-#define FIELD OFFLOAD_FIELD
-
 uint64_t offload_tensor_bytes(const struct mr_weight *w) {
     return w->matrix_bytes * w->ne[2] * w->ne[3];
 }
@@ -66,11 +64,11 @@ static void build_sections(struct mr_offload *o, const struct mr_weights *w) {
         sec->expert = -1;
         o->dense_at[il] = *l;
         for (size_t i = 0; i < MR_ARRAY_LEN(dense_fields); i++) {
-            const struct mr_weight *f = FIELD(l, dense_fields[i]);
+            const struct mr_weight *f = OFFLOAD_FIELD(l, dense_fields[i]);
             if (!f->row_bytes)
                 continue;
             uint64_t at = section_add(sec, file_offset(f), offload_tensor_bytes(f));
-            FIELD(&o->dense_at[il], dense_fields[i])->data = (const uint8_t *)(uintptr_t)at;
+            OFFLOAD_FIELD(&o->dense_at[il], dense_fields[i])->data = (const uint8_t *)(uintptr_t)at;
         }
         for (uint32_t e = 0; e < E; e++) {
             const uint32_t idx = sched_section_index(L, E, il, (int32_t)e);
@@ -78,7 +76,7 @@ static void build_sections(struct mr_offload *o, const struct mr_weights *w) {
             sec->layer = il;
             sec->expert = (int32_t)e;
             for (int k = 0; k < 3; k++) {
-                const struct mr_weight *f = FIELD(l, expert_fields[k]);
+                const struct mr_weight *f = OFFLOAD_FIELD(l, expert_fields[k]);
                 o->expert_at[il * E + e][k] =
                     section_add(sec, file_offset(f) + e * f->matrix_bytes, f->matrix_bytes);
             }
@@ -86,21 +84,32 @@ static void build_sections(struct mr_offload *o, const struct mr_weights *w) {
     }
 }
 
+size_t offload_resident_max(uint32_t n_layer) {
+    return 3 + MR_ARRAY_LEN(resident_fields) * (size_t)n_layer;
+}
+
+size_t offload_resident_list(struct mr_weights *w, bool embeddings, struct mr_weight **list) {
+    size_t n = 0;
+    if (embeddings)
+        list[n++] = &w->tok_embd;
+    list[n++] = &w->output_norm;
+    /* a tied output is the embeddings' bytes: read once with them, but a list without the
+     * embeddings (the GPU's) needs it */
+    if (!embeddings || w->output.data != w->tok_embd.data)
+        list[n++] = &w->output;
+    for (uint32_t il = 0; il < w->hp.n_layer; il++)
+        for (size_t i = 0; i < MR_ARRAY_LEN(resident_fields); i++)
+            list[n++] = OFFLOAD_FIELD(&w->layers[il], resident_fields[i]);
+    return n;
+}
+
 /* Read the resident tensors with plain preads and point the weights at them. */
 static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
-    const size_t max = 3 + MR_ARRAY_LEN(resident_fields) * (size_t)o->n_layer;
-    struct mr_weight **list = mr_calloc(o->a, max, sizeof(*list));
+    struct mr_weight **list = mr_calloc(o->a, offload_resident_max(o->n_layer), sizeof(*list));
     if (!list)
         return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
-    size_t n = 0;
-    list[n++] = &w->tok_embd;
-    list[n++] = &w->output_norm;
     const bool tied = file_offset(&w->output) == file_offset(&w->tok_embd);
-    if (!tied)
-        list[n++] = &w->output;
-    for (uint32_t il = 0; il < o->n_layer; il++)
-        for (size_t i = 0; i < MR_ARRAY_LEN(resident_fields); i++)
-            list[n++] = FIELD(&w->layers[il], resident_fields[i]);
+    const size_t n = offload_resident_list(w, true, list);
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++)
         total += (offload_tensor_bytes(list[i]) + 63) & ~(uint64_t)63;
@@ -277,7 +286,7 @@ int offload_layer_acquire(struct mr_offload *o, uint32_t il, struct mr_layer *vi
         return rc;
     *view = o->dense_at[il];
     for (size_t i = 0; i < MR_ARRAY_LEN(dense_fields); i++) {
-        struct mr_weight *f = FIELD(view, dense_fields[i]);
+        struct mr_weight *f = OFFLOAD_FIELD(view, dense_fields[i]);
         if (f->row_bytes)
             f->data = (const uint8_t *)base + (uintptr_t)f->data;
     }

@@ -22,19 +22,6 @@ static uint64_t align_up(uint64_t v, uint64_t a) {
     return (v + a - 1) / a * a;
 }
 
-/* The tensors the GPU keeps for the whole run: the output and its norm, each layer's router
- * and its norm (predictions never wait). n = how many, into list (room for 2 + 2 L). */
-static size_t resident_list(struct mr_weights *w, struct mr_weight **list) {
-    size_t n = 0;
-    list[n++] = &w->output_norm;
-    list[n++] = &w->output;
-    for (uint32_t il = 0; il < w->hp.n_layer; il++) {
-        list[n++] = &w->layers[il].ffn_norm;
-        list[n++] = &w->layers[il].router;
-    }
-    return n;
-}
-
 /* The bytes every section would take in its own GPU slot (two slot sizes, as the scheduler). */
 static uint64_t all_slots_bytes(const struct mr_offload *o) {
     uint64_t dense = 0, expert = 0;
@@ -97,19 +84,20 @@ static int load_section(void *ctx, const struct sched_section *sec, void *dst, u
 
 /* --- opening --------------------------------------------------------------------------------- */
 
-/* Upload the resident tensors into GPU memory reserved from the tier; o->cw is the model's
- * weights with those pointers (and the host's token embeddings). */
+/* Upload the resident tensors (all but the embeddings) into GPU memory reserved from the tier;
+ * o->cw is the model's weights with those pointers (and the host's token embeddings). */
 static int upload_resident(struct mr_offload *o, struct mr_weights *w, uint64_t bytes) {
     struct mr_backend *be = o->be;
+    const size_t max = offload_resident_max(o->n_layer);
+    struct mr_weight **src = mr_calloc(o->a, 2 * max, sizeof(*src)), **dst = src + max;
+    if (!src)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
     int rc = tier_device_reserve(o->dev, bytes, 256, &o->dev_resident);
-    if (rc != MOERUN_OK)
-        return rc;
     *o->cw = *w;
     memcpy(o->cw_layers, w->layers, o->n_layer * sizeof(*o->cw_layers));
     o->cw->layers = o->cw_layers;
-    struct mr_weight *src[2 + 2 * 4096], *dst[2 + 2 * 4096];
-    const size_t n = resident_list(w, src);
-    resident_list(o->cw, dst);
+    const size_t n = offload_resident_list(w, false, src);
+    offload_resident_list(o->cw, false, dst); /* the same tensors, in the same order */
     uint64_t at = 0;
     for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
         const uint64_t nb = offload_tensor_bytes(src[i]);
@@ -118,15 +106,22 @@ static int upload_resident(struct mr_offload *o, struct mr_weights *w, uint64_t 
         dst[i]->data = p;
         at += align_up(nb, 256);
     }
-    return rc == MOERUN_OK ? be->ops->sync(be, MR_STREAM_COMPUTE) : rc;
+    if (rc == MOERUN_OK) /* the host copies stay: the uploads may read them until then */
+        rc = be->ops->sync(be, MR_STREAM_COMPUTE);
+    mr_free(o->a, src);
+    return rc;
 }
 
-static uint64_t resident_gpu_bytes(struct mr_weights *w) {
-    struct mr_weight *list[2 + 2 * 4096];
-    const size_t n = resident_list(w, list);
+/* The GPU bytes of those tensors (each 256-byte aligned), or 0 out of memory. */
+static uint64_t resident_gpu_bytes(struct mr_offload *o, struct mr_weights *w) {
+    struct mr_weight **list = mr_calloc(o->a, offload_resident_max(o->n_layer), sizeof(*list));
+    if (!list)
+        return 0;
+    const size_t n = offload_resident_list(w, false, list);
     uint64_t sum = 0;
     for (size_t i = 0; i < n; i++)
         sum += align_up(offload_tensor_bytes(list[i]), 256);
+    mr_free(o->a, list);
     return sum;
 }
 
@@ -221,7 +216,9 @@ int offload_gpu_open(struct mr_offload *o, struct moerun_model *m, const char *p
     const uint32_t trained = w->hp.n_ctx_train ? w->hp.n_ctx_train : 4096;
     const uint32_t ctx = mp->gpu_ctx ? mp->gpu_ctx : MR_MIN(trained, 4096u);
     const uint32_t batch = mp->gpu_batch ? mp->gpu_batch : 512;
-    const uint64_t resident = resident_gpu_bytes(w);
+    const uint64_t resident = resident_gpu_bytes(o, w);
+    if (!resident)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
     /* the sessions' reservation: one session of ctx positions and batch tokens, with the
      * model's thread count (a CPU-side workspace has scores per thread) */
     const long cores = sysconf(_SC_NPROCESSORS_ONLN);

@@ -43,8 +43,14 @@ struct mr_offload {
 
 #define OFFLOAD_FIELD(l, off) ((struct mr_weight *)((uint8_t *)(l) + (off)))
 
-/* Bytes of a whole tensor, and its file offset (bound but not yet placed). */
+/* Bytes of a whole tensor. */
 uint64_t offload_tensor_bytes(const struct mr_weight *w);
+
+/* The tensors every token needs, kept resident: with embeddings, the token embeddings (and a
+ * tied output once, with them); the output norm and output; each layer's router and its norm
+ * (predictions never wait). Into list (offload_resident_max entries); returns the count. */
+size_t offload_resident_max(uint32_t n_layer);
+size_t offload_resident_list(struct mr_weights *w, bool embeddings, struct mr_weight **list);
 
 /* The NVMe reader's load() for a section into host memory dst (struct sched_loader). */
 int offload_read_section(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag);
