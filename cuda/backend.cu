@@ -80,6 +80,7 @@ int enter(const cuda_be *c) {
     return MOERUN_OK;
 }
 
+// The stream s of c, with c's device current on this thread (as enter).
 int stream_of(const cuda_be *c, enum mr_stream s, cudaStream_t *out) {
     if (s == MR_STREAM_COMPUTE)
         *out = c->dev->compute;
@@ -87,7 +88,7 @@ int stream_of(const cuda_be *c, enum mr_stream s, cudaStream_t *out) {
         *out = c->dev->copy;
     else
         return mr_err(MOERUN_ERR_INVALID_ARG, "cuda backend: stream %d", (int)s);
-    return MOERUN_OK;
+    return enter(c);
 }
 
 void dev_release(cuda_dev *d) {
@@ -239,9 +240,7 @@ int be_sync(struct mr_backend *be, enum mr_stream stream) {
     cuda_be *c = cb(be);
     cudaStream_t st = NULL;
     int rc = stream_of(c, stream, &st);
-    if (rc || (rc = enter(c)))
-        return rc;
-    return cuda_stream_sync(st);
+    return rc ? rc : cuda_stream_sync(st);
 }
 
 // --- the copy stream and events ------------------------------------------------------------------
@@ -287,12 +286,10 @@ int be_copy_async(struct mr_backend *be, void *dst, const void *src, uint64_t by
 int be_record(struct mr_backend *be, enum mr_stream stream, struct mr_event *ev) {
     cuda_be *c = cb(be);
     cudaStream_t st = NULL;
-    int rc = stream_of(c, stream, &st);
-    if (rc)
-        return rc;
     if (!ev)
         return mr_err(MOERUN_ERR_INVALID_ARG, "cuda backend: record of a NULL event");
-    if ((rc = enter(c)))
+    int rc = stream_of(c, stream, &st);
+    if (rc)
         return rc;
     cudaError_t e = cudaEventRecord(ev_of(ev), st);
     if (e != cudaSuccess)
@@ -304,12 +301,10 @@ int be_record(struct mr_backend *be, enum mr_stream stream, struct mr_event *ev)
 int be_wait(struct mr_backend *be, enum mr_stream stream, struct mr_event *ev) {
     cuda_be *c = cb(be);
     cudaStream_t st = NULL;
-    int rc = stream_of(c, stream, &st);
-    if (rc)
-        return rc;
     if (!ev)
         return mr_err(MOERUN_ERR_INVALID_ARG, "cuda backend: wait on a NULL event");
-    if ((rc = enter(c)))
+    int rc = stream_of(c, stream, &st);
+    if (rc)
         return rc;
     cudaError_t e = cudaStreamWaitEvent(st, ev_of(ev), 0);
     if (e != cudaSuccess)
@@ -322,12 +317,10 @@ int be_wait(struct mr_backend *be, enum mr_stream stream, struct mr_event *ev) {
 int be_callback(struct mr_backend *be, enum mr_stream stream, mr_host_fn fn, void *arg) {
     cuda_be *c = cb(be);
     cudaStream_t st = NULL;
-    int rc = stream_of(c, stream, &st);
-    if (rc)
-        return rc;
     if (!fn)
         return mr_err(MOERUN_ERR_INVALID_ARG, "cuda backend: callback without a function");
-    if ((rc = enter(c)))
+    int rc = stream_of(c, stream, &st);
+    if (rc)
         return rc;
     cudaError_t e = cudaLaunchHostFunc(st, fn, arg);
     if (e != cudaSuccess)
