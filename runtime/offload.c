@@ -103,27 +103,25 @@ size_t offload_resident_list(struct mr_weights *w, bool embeddings, struct mr_we
     return n;
 }
 
-/* Read the resident tensors with plain preads and point the weights at them. */
-static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
-    struct mr_weight **list = mr_calloc(o->a, offload_resident_max(o->n_layer), sizeof(*list));
-    if (!list)
-        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
-    const bool tied = file_offset(&w->output) == file_offset(&w->tok_embd);
-    const size_t n = offload_resident_list(w, true, list);
+int offload_read_tensors(const struct mr_offload *o, const char *path,
+                         struct mr_weight *const *list, size_t n, uint8_t **buf, uint64_t *bytes) {
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++)
-        total += (offload_tensor_bytes(list[i]) + 63) & ~(uint64_t)63;
-    o->resident_bytes = total;
-    o->resident = mr_alloc(o->a, total, 64);
+        total += offload_piece_bytes(offload_tensor_bytes(list[i]));
+    *bytes = total;
+    *buf = mr_alloc(o->a, total ? total : 64, 64);
+    if (!*buf)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: cannot allocate %llu bytes of resident weights",
+                      (unsigned long long)total);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return mr_err_errno(errno, "offload: open");
     int rc = MOERUN_OK;
-    if (!o->resident)
-        rc = mr_err(MOERUN_ERR_NOMEM, "offload: cannot allocate %llu bytes of resident weights",
-                    (unsigned long long)total);
     uint64_t at = 0;
     for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
-        const uint64_t bytes = offload_tensor_bytes(list[i]), off = file_offset(list[i]);
-        for (uint64_t done = 0; done < bytes && rc == MOERUN_OK;) {
-            ssize_t got = pread(fd, o->resident + at + done, bytes - done, (off_t)(off + done));
+        const uint64_t nb = offload_tensor_bytes(list[i]), off = file_offset(list[i]);
+        for (uint64_t done = 0; done < nb && rc == MOERUN_OK;) {
+            ssize_t got = pread(fd, *buf + at + done, nb - done, (off_t)(off + done));
             if (got < 0 && errno == EINTR)
                 continue;
             if (got < 0)
@@ -133,10 +131,30 @@ static int read_resident(struct mr_offload *o, struct mr_weights *w, int fd) {
             else
                 done += (uint64_t)got;
         }
-        list[i]->data = o->resident + at;
-        at += (bytes + 63) & ~(uint64_t)63;
+        at += offload_piece_bytes(nb);
     }
-    if (tied)
+    close(fd);
+    return rc;
+}
+
+/* Read the tensors the host keeps for the whole run and point the weights at them: all the
+ * resident ones on the CPU; with a GPU, only the token embeddings (the GPU has the rest). */
+static int read_resident(struct mr_offload *o, struct mr_weights *w, const char *path, bool gpu) {
+    struct mr_weight **list = mr_calloc(o->a, offload_resident_max(o->n_layer), sizeof(*list));
+    if (!list)
+        return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
+    const bool tied = file_offset(&w->output) == file_offset(&w->tok_embd);
+    size_t n = 1;
+    list[0] = &w->tok_embd;
+    if (!gpu)
+        n = offload_resident_list(w, true, list);
+    int rc = offload_read_tensors(o, path, list, n, &o->resident, &o->resident_bytes);
+    uint64_t at = 0;
+    for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
+        list[i]->data = o->resident + at;
+        at += offload_piece_bytes(offload_tensor_bytes(list[i]));
+    }
+    if (rc == MOERUN_OK && tied && !gpu)
         w->output = w->tok_embd;
     mr_free(o->a, list);
     return rc;
@@ -189,14 +207,11 @@ int offload_open(struct moerun_model *m, const char *path) {
         return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory for %u sections", o->n_sections);
     build_sections(o, w);
 
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mr_err_errno(errno, "offload: open");
-    int rc = read_resident(o, w, fd);
-    close(fd);
+    const bool gpu = m->params.device != MOERUN_DEVICE_CPU;
+    int rc = read_resident(o, w, path, gpu);
     if (rc != MOERUN_OK)
         return rc;
-    if (m->params.device != MOERUN_DEVICE_CPU)
+    if (gpu)
         return offload_gpu_open(o, m, path);
     return open_host_slots(o, m, path);
 }

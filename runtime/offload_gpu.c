@@ -84,30 +84,38 @@ static int load_section(void *ctx, const struct sched_section *sec, void *dst, u
 
 /* --- opening --------------------------------------------------------------------------------- */
 
-/* Upload the resident tensors (all but the embeddings) into GPU memory reserved from the tier;
- * o->cw is the model's weights with those pointers (and the host's token embeddings). */
-static int upload_resident(struct mr_offload *o, struct mr_weights *w, uint64_t bytes) {
+/* Read the resident tensors (all but the embeddings) from the file into a host buffer used
+ * for the upload, into GPU memory reserved from the tier; o->cw is the model's weights with
+ * those pointers (and the host's token embeddings). The host keeps no copy. */
+static int upload_resident(struct mr_offload *o, struct mr_weights *w, const char *path,
+                           uint64_t bytes) {
     struct mr_backend *be = o->be;
     const size_t max = offload_resident_max(o->n_layer);
     struct mr_weight **src = mr_calloc(o->a, 2 * max, sizeof(*src)), **dst = src + max;
     if (!src)
         return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
-    int rc = tier_device_reserve(o->dev, bytes, 256, &o->dev_resident);
     *o->cw = *w;
     memcpy(o->cw_layers, w->layers, o->n_layer * sizeof(*o->cw_layers));
     o->cw->layers = o->cw_layers;
     const size_t n = offload_resident_list(w, false, src);
     offload_resident_list(o->cw, false, dst); /* the same tensors, in the same order */
-    uint64_t at = 0;
+    uint8_t *host = NULL;
+    uint64_t host_bytes = 0;
+    int rc = offload_read_tensors(o, path, src, n, &host, &host_bytes);
+    if (rc == MOERUN_OK)
+        rc = tier_device_reserve(o->dev, bytes, 256, &o->dev_resident);
+    uint64_t at = 0, from = 0;
     for (size_t i = 0; i < n && rc == MOERUN_OK; i++) {
         const uint64_t nb = offload_tensor_bytes(src[i]);
         uint8_t *p = (uint8_t *)o->dev_resident + at;
-        rc = be->ops->upload(be, p, src[i]->data, nb);
+        rc = be->ops->upload(be, p, host + from, nb);
         dst[i]->data = p;
         at += align_up(nb, 256);
+        from += offload_piece_bytes(nb);
     }
-    if (rc == MOERUN_OK) /* the host copies stay: the uploads may read them until then */
-        rc = be->ops->sync(be, MR_STREAM_COMPUTE);
+    const int synced = be->ops->sync(be, MR_STREAM_COMPUTE); /* uploads read host until then */
+    rc = rc == MOERUN_OK ? synced : rc;
+    mr_free(o->a, host);
     mr_free(o->a, src);
     return rc;
 }
@@ -142,8 +150,7 @@ static int open_stage(struct mr_offload *o, struct moerun_model *m, const char *
             offload_fmt_bytes(b4, sizeof(b4), min);
             return mr_err(MOERUN_ERR_BUDGET,
                           "host budget of %s is below the minimum for this model with a GPU, %s "
-                          "(resident embeddings, output and routers %s + the fewest pinned "
-                          "slots %s)",
+                          "(the token embeddings %s + the fewest pinned slots %s)",
                           b1, b2, b3, b4);
         }
         region = m->params.host_bytes - o->resident_bytes;
@@ -260,7 +267,7 @@ int offload_gpu_open(struct mr_offload *o, struct moerun_model *m, const char *p
     rc = tier_device_create(o->be, budget, slots, &o->dev);
     if (rc != MOERUN_OK)
         return rc;
-    if ((rc = upload_resident(o, w, resident)) != MOERUN_OK)
+    if ((rc = upload_resident(o, w, path, resident)) != MOERUN_OK)
         return rc;
     m->cw = o->cw;
 

@@ -22,7 +22,8 @@ struct mr_offload {
     uint32_t n_layer, n_expert;
     struct mr_layer *dense_at; /* [L]: data = offset of the tensor in its slot */
     uint64_t (*expert_at)[3];  /* [L*E]: offsets of gate, up, down in the slot */
-    uint8_t *resident;         /* embeddings, output, routers and their norms (host) */
+    uint8_t *resident;         /* host: embeddings, output, routers and their norms (CPU), or
+                                  the embeddings alone (GPU) */
     uint64_t resident_bytes;
     int prefetch_layers;
     struct tier_nvme_stats nvme_base; /* the NVMe counters at the last reset */
@@ -51,6 +52,17 @@ uint64_t offload_tensor_bytes(const struct mr_weight *w);
  * (predictions never wait). Into list (offload_resident_max entries); returns the count. */
 size_t offload_resident_max(uint32_t n_layer);
 size_t offload_resident_list(struct mr_weights *w, bool embeddings, struct mr_weight **list);
+
+/* Pieces of a buffer of tensors are rounded up to 64 bytes. */
+static inline uint64_t offload_piece_bytes(uint64_t b) {
+    return (b + 63) & ~(uint64_t)63;
+}
+
+/* Read the n tensors of list (data: their file offsets) from path, with preads, into one new
+ * allocation *buf of *bytes: tensor i at the sum of the earlier pieces. The weights are not
+ * changed. Returns MOERUN_OK or an error (then *buf may still need mr_free). */
+int offload_read_tensors(const struct mr_offload *o, const char *path,
+                         struct mr_weight *const *list, size_t n, uint8_t **buf, uint64_t *bytes);
 
 /* The NVMe reader's load() for a section into host memory dst (struct sched_loader). */
 int offload_read_section(void *ctx, const struct sched_section *sec, void *dst, uint64_t tag);
