@@ -222,7 +222,7 @@ int offload_gpu_open(struct mr_offload *o, struct moerun_model *m, const char *p
     /* as a session's defaults: the trained context, at most 4096 */
     const uint32_t trained = w->hp.n_ctx_train ? w->hp.n_ctx_train : 4096;
     const uint32_t ctx = mp->gpu_ctx ? mp->gpu_ctx : MR_MIN(trained, 4096u);
-    const uint32_t batch = mp->gpu_batch ? mp->gpu_batch : 512;
+    const uint32_t batch = MR_MIN(mp->gpu_batch ? mp->gpu_batch : 512, ctx);
     const uint64_t resident = resident_gpu_bytes(o, w);
     if (!resident)
         return mr_err(MOERUN_ERR_NOMEM, "offload: out of memory");
