@@ -305,8 +305,9 @@ int forward_batch(struct moerun_session *s, const int32_t *tokens, uint32_t n, f
     struct mr_offload *o = s->model->offload;
     /* the first layers have no earlier layer to be predicted from: predict them from the
      * embeddings (before attention), so their experts can load while layer 0's attention runs */
-    if (o && rc == MOERUN_OK)
-        rc = predict(s, 0, (uint32_t)offload_prefetch_layers(o) - 1, n);
+    const uint32_t ahead = o ? (uint32_t)offload_prefetch_layers(o) : 0;
+    if (ahead && rc == MOERUN_OK)
+        rc = predict(s, 0, ahead - 1, n);
     for (uint32_t il = 0; il < hp->n_layer && rc == MOERUN_OK; il++) {
         struct mr_layer view;
         const struct mr_layer *l = &w->layers[il];

@@ -344,6 +344,12 @@ void offload_predict(struct mr_offload *o, uint32_t il, const float *probs) {
 }
 
 int offload_prefetch_layers(const struct mr_offload *o) {
+    /* when every section has a slot of its own nothing is ever evicted: predictions could only
+     * cost (on a GPU, a wait for the host per layer) */
+    struct sched_layout lay;
+    sched_get_layout(o->sched, &lay);
+    if (!lay.ring && lay.n_expert_slots >= o->n_layer * o->n_expert)
+        return 0;
     return o->prefetch_layers;
 }
 
@@ -375,6 +381,7 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
     st.prefetch_cancelled = ss.prefetch_cancelled;
     st.prediction_precision = ss.predicted ? (double)ss.predicted_correct / ss.predicted : 0.0;
     st.prediction_recall = ss.needed ? (double)ss.predicted_correct / ss.needed : 0.0;
+    st.predicted = ss.predicted;
     st.stall_ns = ss.stall_ns;
     st.read_gbps = ns.busy_ns ? (double)ns.bytes_read / (double)ns.busy_ns : 0.0;
     st.direct_io = tier_nvme_is_direct(o->nvme);

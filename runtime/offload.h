@@ -43,7 +43,8 @@ void offload_expert_release(struct mr_offload *o, uint32_t il, int32_t expert);
 /* Predicted router probabilities of layer il (n_expert of them). */
 void offload_predict(struct mr_offload *o, uint32_t il, const float *probs);
 
-/* Whether predictions are wanted, and how many layers ahead. */
+/* How many layers ahead predictions are wanted: 0 when every section has its own slot (all of
+ * the model fits: nothing to prefetch, and no prediction statistics). */
 int offload_prefetch_layers(const struct mr_offload *o);
 
 /* With a GPU tier: whether there is one, and backend memory from its budget for a session's

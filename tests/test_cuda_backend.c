@@ -1,7 +1,8 @@
-/* The CUDA backend through its ops table (runtime/backend.h, cuda/backend.cu): every op against a
- * float64 reference on fresh random data (seed printed; MOERUN_TEST_SEED replays it) and against
- * the CPU backend; outputs poisoned with NaN first, so every element must be written. Memory,
- * streams, events and callbacks; errors as statuses. Exits 77 (skip) where there is no device.
+/* The CUDA backend's ops through its ops table (runtime/backend.h, cuda/backend.cu): every op
+ * against a float64 reference on fresh random data (seed printed; MOERUN_TEST_SEED replays it)
+ * and against the CPU backend; outputs poisoned with NaN first, so every element must be written.
+ * Memory, streams, events, callbacks and errors are test_cuda_streams. Exits 77 (skip) where
+ * there is no device.
  *
  * Normalised errors ||y - ref|| / ||ref|| (ref in float64) and their bounds:
  *  - matmul, n <= 8 (fused matvec, x kept F32, F32 sums): 1e-5 for every weight type (the
@@ -14,11 +15,10 @@
  * Against the CPU backend: F32 weights 1e-5 directly; otherwise the CPU's own error (it rounds x
  * to its dot products' companion type) is measured against the same reference and the bound is
  * the GPU's bound plus it (triangle inequality). */
-#include "testutil.h"
+#include "cuda_test_util.h"
 
 #include "backend.h"
 #include "cpu/quants.h"
-#include "cuda_backend.h"
 #include "internal.h"
 #include "types.h"
 
@@ -33,101 +33,15 @@
 #define TOL_GEMM_Q   2e-3
 #define TOL_OPS      1e-5
 #define TOL_EXACT    1e-7
-#define N_CTX        512
 
-static struct tu_rng rng;
-static struct mr_backend *root, *gpu, *cpu; /* gpu: a clone of root, as a session has */
-static void *gpu_ws, *cpu_ws;
-
-static const int all_types[] = {MOERUN_TYPE_F32,  MOERUN_TYPE_F16,  MOERUN_TYPE_BF16,
-                                MOERUN_TYPE_Q8_0, MOERUN_TYPE_Q4_0, MOERUN_TYPE_Q4_K,
-                                MOERUN_TYPE_Q5_K, MOERUN_TYPE_Q6_K};
-
-/* The workspace need of both backends. max_elements is smaller than the larger test matrices on
- * purpose: the GPU's GEMM path then dequantizes them in several chunks of rows. */
-static struct mr_workspace_need ws_need(void) {
-    struct mr_workspace_need need = {
-        .n_batch = 64, .n_ctx = N_CTX, .max_k = 4096, .max_rows = 1024, .max_elements = 100000};
-    for (size_t t = 0; t < MR_ARRAY_LEN(all_types); t++)
-        need.types |= 1 << all_types[t];
-    return need;
-}
-
-/* (mr_backend_destroy is in the library, not linked here) */
-static void be_destroy(struct mr_backend *be) {
-    if (be)
-        be->ops->destroy(be);
-}
+static struct mr_backend *gpu, *cpu; /* from ctu_setup: gpu a clone of the CUDA backend */
 
 static int group_setup(void **state) {
     (void)state;
-    tu_rng_init(&rng, tu_seed());
-    struct mr_backend_config cfg = {.kind = MR_BACKEND_CUDA, .device = 0, .n_threads = 4};
-    const struct mr_workspace_need need = ws_need();
-    if (mr_backend_cuda_create(&cfg, &root) || root->ops->clone(root, 0, &gpu) ||
-        root->ops->alloc(gpu, gpu->ops->workspace_bytes(gpu, &need), &gpu_ws)) {
-        fprintf(stderr, "setup (cuda): %s\n", moerun_errmsg());
-        return -1;
-    }
-    gpu->ops->set_workspace(gpu, gpu_ws, gpu->ops->workspace_bytes(gpu, &need));
-    cfg.kind = MR_BACKEND_CPU;
-    if (mr_backend_cpu_create(&cfg, &cpu) ||
-        cpu->ops->alloc(cpu, cpu->ops->workspace_bytes(cpu, &need), &cpu_ws)) {
-        fprintf(stderr, "setup (cpu): %s\n", moerun_errmsg());
-        return -1;
-    }
-    cpu->ops->set_workspace(cpu, cpu_ws, cpu->ops->workspace_bytes(cpu, &need));
-    fprintf(stderr, "%s; compared with %s\n", gpu->ops->describe(gpu), cpu->ops->describe(cpu));
-    return 0;
+    return ctu_setup(NULL, &gpu, &cpu);
 }
 
-static int group_teardown(void **state) {
-    (void)state;
-    if (gpu)
-        gpu->ops->free(gpu, gpu_ws);
-    be_destroy(gpu); /* the clone before its root */
-    be_destroy(root);
-    if (cpu)
-        cpu->ops->free(cpu, cpu_ws);
-    be_destroy(cpu);
-    return 0;
-}
-
-/* --- helpers ------------------------------------------------------------------------------- */
-
-/* bytes of backend memory holding a copy of host (NULL: uninitialised) */
-static void *put(struct mr_backend *be, const void *host, size_t bytes) {
-    void *d = NULL;
-    assert_int_equal(be->ops->alloc(be, bytes, &d), MOERUN_OK);
-    if (host) { /* upload is asynchronous: host stays unchanged until a sync */
-        assert_int_equal(be->ops->upload(be, d, host, bytes), MOERUN_OK);
-        assert_int_equal(be->ops->sync(be, MR_STREAM_COMPUTE), MOERUN_OK);
-    }
-    return d;
-}
-
-/* n floats of NaN in backend memory: every element must be written */
-static float *poison(struct mr_backend *be, size_t n) {
-    float *h = malloc(n * sizeof(float));
-    assert_non_null(h);
-    for (size_t i = 0; i < n; i++)
-        h[i] = NAN;
-    float *d = put(be, h, n * sizeof(float));
-    free(h);
-    return d;
-}
-
-/* download n floats (after the stream's work), all finite */
-static float *get(struct mr_backend *be, const float *d, size_t n) {
-    float *h = malloc(n * sizeof(float) + 1);
-    assert_non_null(h);
-    assert_int_equal(be->ops->download(be, h, d, n * sizeof(float)), MOERUN_OK);
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(h[i]))
-            fail_msg("%s: element %zu of %zu not written (or not finite): %g", be->ops->name, i, n,
-                     (double)h[i]);
-    return h;
-}
+/* --- checks -------------------------------------------------------------------------------- */
 
 static double check_rel(const char *what, const float *got, const double *ref, size_t n,
                         double tol) {
@@ -160,13 +74,6 @@ static void check_identical(const char *what, const float *g, const float *c, si
                          (double)g[i], (double)c[i]);
 }
 
-static float *host_normal(size_t n, float scale) {
-    float *x = malloc(n * sizeof(float) + 1);
-    assert_non_null(x);
-    tu_fill_normal(&rng, x, n, scale);
-    return x;
-}
-
 static double *host_ref(size_t n) {
     double *r = malloc(n * sizeof(double) + 1);
     assert_non_null(r);
@@ -191,12 +98,13 @@ static void matmul_case(int type, int64_t rows, int64_t k, int64_t n) {
     float *deq = malloc(sizeof(float) * (size_t)(rows * k));
     assert_true(wq && deq);
     for (int64_t r = 0; r < rows; r++) { /* rows of different scales */
-        float *f = host_normal((size_t)k, (float)(0.02 * (1.0 + 3.0 * tu_rng_uniform(&rng))));
+        float *f =
+            ctu_host_normal((size_t)k, (float)(0.02 * (1.0 + 3.0 * tu_rng_uniform(&ctu_rng))));
         cpu_ref_from_float(type, f, wq + (size_t)r * row_bytes, k);
         cpu_ref_to_float(type, wq + (size_t)r * row_bytes, deq + r * k, k);
         free(f);
     }
-    float *x = host_normal((size_t)(n * k), 1.0f);
+    float *x = ctu_host_normal((size_t)(n * k), 1.0f);
     double *ref = host_ref((size_t)(n * rows));
     for (int64_t c = 0; c < n; c++)
         for (int64_t r = 0; r < rows; r++) {
@@ -210,16 +118,16 @@ static void matmul_case(int type, int64_t rows, int64_t k, int64_t n) {
              (long long)rows, (long long)k, (long long)n);
     const size_t ny = (size_t)(n * rows);
 
-    void *dw = put(gpu, wq, wbytes);
-    float *dx = put(gpu, x, sizeof(float) * (size_t)(n * k)), *dy = poison(gpu, ny);
+    void *dw = ctu_put(gpu, wq, wbytes);
+    float *dx = ctu_put(gpu, x, sizeof(float) * (size_t)(n * k)), *dy = ctu_poison(gpu, ny);
     assert_int_equal(gpu->ops->matmul(gpu, type, rows, k, dw, n, dx, dy), MOERUN_OK);
-    float *yg = get(gpu, dy, ny);
+    float *yg = ctu_get(gpu, dy, ny);
     check_rel(what, yg, ref, ny, gpu_bound(type, n));
 
-    void *cw = put(cpu, wq, wbytes);
-    float *cx = put(cpu, x, sizeof(float) * (size_t)(n * k)), *cy = poison(cpu, ny);
+    void *cw = ctu_put(cpu, wq, wbytes);
+    float *cx = ctu_put(cpu, x, sizeof(float) * (size_t)(n * k)), *cy = ctu_poison(cpu, ny);
     assert_int_equal(cpu->ops->matmul(cpu, type, rows, k, cw, n, cx, cy), MOERUN_OK);
-    float *yc = get(cpu, cy, ny);
+    float *yc = ctu_get(cpu, cy, ny);
     if (type == MOERUN_TYPE_F32) { /* both exact F32 products: the golden cases' bound */
         double *cd = host_ref(ny);
         for (size_t i = 0; i < ny; i++)
@@ -241,10 +149,10 @@ static void test_matmul_every_type(void **state) {
      * elements) */
     static const int64_t shapes[][2] = {{67, 256}, {129, 1280}, {300, 4096}};
     static const int64_t ns[] = {1, 3, 37};
-    for (size_t t = 0; t < MR_ARRAY_LEN(all_types); t++)
+    for (size_t t = 0; t < MR_ARRAY_LEN(ctu_all_types); t++)
         for (size_t s = 0; s < MR_ARRAY_LEN(shapes); s++)
             for (size_t i = 0; i < MR_ARRAY_LEN(ns); i++)
-                matmul_case(all_types[t], shapes[s][0], shapes[s][1], ns[i]);
+                matmul_case(ctu_all_types[t], shapes[s][0], shapes[s][1], ns[i]);
 }
 
 static void test_matmul_thresholds(void **state) {
@@ -273,7 +181,7 @@ static void test_rmsnorm(void **state) {
         const int64_t rows = shapes[c][0], n = shapes[c][1];
         const size_t nx = (size_t)(rows * n);
         const float eps = 1e-6f;
-        float *x = host_normal(nx, 2.0f), *w = host_normal((size_t)n, 1.0f);
+        float *x = ctu_host_normal(nx, 2.0f), *w = ctu_host_normal((size_t)n, 1.0f);
         double *ref = host_ref(nx);
         for (int64_t r = 0; r < rows; r++) {
             double ss = 0.0;
@@ -283,15 +191,16 @@ static void test_rmsnorm(void **state) {
             for (int64_t i = 0; i < n; i++)
                 ref[r * n + i] = x[r * n + i] * scale * w[i];
         }
-        float *dx = put(gpu, x, nx * 4), *dw = put(gpu, w, (size_t)n * 4), *dout = poison(gpu, nx);
+        float *dx = ctu_put(gpu, x, nx * 4), *dw = ctu_put(gpu, w, (size_t)n * 4),
+              *dout = ctu_poison(gpu, nx);
         assert_int_equal(gpu->ops->rmsnorm(gpu, dout, dx, dw, rows, n, eps), MOERUN_OK);
-        float *y = get(gpu, dout, nx);
+        float *y = ctu_get(gpu, dout, nx);
         check_rel("rmsnorm", y, ref, nx, TOL_OPS);
         assert_int_equal(gpu->ops->rmsnorm(gpu, dx, dx, dw, rows, n, eps),
                          MOERUN_OK); /* in place */
-        float *y2 = get(gpu, dx, nx);
+        float *y2 = ctu_get(gpu, dx, nx);
         check_rel("rmsnorm in place", y2, ref, nx, TOL_OPS);
-        float *cx = put(cpu, x, nx * 4), *cw = put(cpu, w, (size_t)n * 4);
+        float *cx = ctu_put(cpu, x, nx * 4), *cw = ctu_put(cpu, w, (size_t)n * 4);
         assert_int_equal(cpu->ops->rmsnorm(cpu, cx, cx, cw, rows, n, eps), MOERUN_OK);
         check_vs_cpu("rmsnorm", y, cx, ref, nx, TOL_OPS);
         gpu->ops->free(gpu, dx), gpu->ops->free(gpu, dw), gpu->ops->free(gpu, dout);
@@ -307,7 +216,7 @@ static void test_rope(void **state) {
     const float base = 1e6f;
     const size_t n = (size_t)(n_tok * n_head * hd);
     for (int mode = MR_ROPE_MODE_NORM; mode <= MR_ROPE_MODE_NEOX; mode++) {
-        float *x = host_normal(n, 1.0f);
+        float *x = ctu_host_normal(n, 1.0f);
         double *ref = host_ref(n);
         for (size_t i = 0; i < n; i++)
             ref[i] = x[i];
@@ -323,15 +232,15 @@ static void test_rope(void **state) {
                     v[b] = x0 * sin(th) + x1 * cos(th);
                 }
             }
-        float *dx = put(gpu, x, n * 4);
+        float *dx = ctu_put(gpu, x, n * 4);
         assert_int_equal(gpu->ops->rope(gpu, dx, n_tok, n_head, hd, n_rot, pos0, base, mode),
                          MOERUN_OK);
-        float *y = get(gpu, dx, n);
+        float *y = ctu_get(gpu, dx, n);
         check_rel(mode ? "rope neox" : "rope norm", y, ref, n, TOL_OPS);
         for (size_t i = 0; i < n; i++) /* dims past n_rot are left exactly as they were */
             if (i % (size_t)hd >= (size_t)n_rot)
                 assert_true(y[i] == x[i]);
-        float *cx = put(cpu, x, n * 4);
+        float *cx = ctu_put(cpu, x, n * 4);
         assert_int_equal(cpu->ops->rope(cpu, cx, n_tok, n_head, hd, n_rot, pos0, base, mode),
                          MOERUN_OK);
         check_vs_cpu("rope", y, cx, ref, n, TOL_OPS);
@@ -380,23 +289,26 @@ static void test_attention(void **state) {
         const int H = cases[c][0], Hkv = cases[c][1], hd = cases[c][2];
         const int64_t n_tok = cases[c][3], pos0 = cases[c][4];
         const int64_t kvd = (int64_t)Hkv * hd, filled = pos0 + n_tok;
-        const size_t nq = (size_t)(n_tok * H * hd), nc = (size_t)(N_CTX * kvd);
-        float *q = host_normal(nq, 1.5f), *kc = host_normal(nc, 1.5f), *vc = host_normal(nc, 1.5f);
+        const size_t nq = (size_t)(n_tok * H * hd), nc = (size_t)(CTU_N_CTX * kvd);
+        float *q = ctu_host_normal(nq, 1.5f), *kc = ctu_host_normal(nc, 1.5f),
+              *vc = ctu_host_normal(nc, 1.5f);
         for (size_t i = (size_t)(filled * kvd); i < nc; i++) /* never read past the filled rows */
             kc[i] = vc[i] = NAN;
         double *ref = host_ref(nq);
         attention_ref(q, kc, vc, n_tok, pos0, H, Hkv, hd, ref);
-        float *dq = put(gpu, q, nq * 4), *dk = put(gpu, kc, nc * 4), *dv = put(gpu, vc, nc * 4);
-        float *dout = poison(gpu, nq);
+        float *dq = ctu_put(gpu, q, nq * 4), *dk = ctu_put(gpu, kc, nc * 4),
+              *dv = ctu_put(gpu, vc, nc * 4);
+        float *dout = ctu_poison(gpu, nq);
         assert_int_equal(gpu->ops->attention(gpu, dq, dk, dv, dout, n_tok, pos0, H, Hkv, hd),
                          MOERUN_OK);
-        float *y = get(gpu, dout, nq);
+        float *y = ctu_get(gpu, dout, nq);
         char what[80];
         snprintf(what, sizeof(what), "attention %d/%d heads hd %d, %lld tokens at %lld", H, Hkv, hd,
                  (long long)n_tok, (long long)pos0);
         check_rel(what, y, ref, nq, TOL_OPS);
-        float *cq = put(cpu, q, nq * 4), *ck = put(cpu, kc, nc * 4), *cv = put(cpu, vc, nc * 4);
-        float *cout = poison(cpu, nq);
+        float *cq = ctu_put(cpu, q, nq * 4), *ck = ctu_put(cpu, kc, nc * 4),
+              *cv = ctu_put(cpu, vc, nc * 4);
+        float *cout = ctu_poison(cpu, nq);
         assert_int_equal(cpu->ops->attention(cpu, cq, ck, cv, cout, n_tok, pos0, H, Hkv, hd),
                          MOERUN_OK);
         check_vs_cpu(what, y, cout, ref, nq, TOL_OPS);
@@ -410,7 +322,7 @@ static void test_attention(void **state) {
 
 static void topk_case(int64_t n_tok, int E, int k, bool renorm, bool in_place) {
     const size_t np = (size_t)(n_tok * E), ns = (size_t)(n_tok * (k ? k : 1));
-    float *lg = host_normal(np, 3.0f);
+    float *lg = ctu_host_normal(np, 3.0f);
     double *pref = host_ref(np);
     for (int64_t t = 0; t < n_tok; t++) {
         double mx = -INFINITY, sum = 0.0;
@@ -426,17 +338,17 @@ static void topk_case(int64_t n_tok, int E, int k, bool renorm, bool in_place) {
     int32_t *sel[2];
     for (int b = 0; b < 2; b++) {
         struct mr_backend *be = bes[b];
-        float *dl = put(be, lg, np * 4), *dp = in_place ? dl : poison(be, np);
-        float *dw = poison(be, ns);
-        int32_t *ds = (int32_t *)poison(be, ns);
+        float *dl = ctu_put(be, lg, np * 4), *dp = in_place ? dl : ctu_poison(be, np);
+        float *dw = ctu_poison(be, ns);
+        int32_t *ds = (int32_t *)ctu_poison(be, ns);
         assert_int_equal(be->ops->softmax_topk(be, dl, n_tok, E, k, renorm, dp, ds, dw), MOERUN_OK);
-        probs[b] = get(be, dp, np);
+        probs[b] = ctu_get(be, dp, np);
         sel[b] = malloc(ns * sizeof(int32_t));
         sw[b] = malloc(ns * sizeof(float));
         assert_true(sel[b] && sw[b]);
         if (k > 0) {
             free(sw[b]);
-            sw[b] = get(be, dw, ns);
+            sw[b] = ctu_get(be, dw, ns);
             assert_int_equal(be->ops->download(be, sel[b], ds, ns * 4), MOERUN_OK);
         }
         be->ops->free(be, dl), be->ops->free(be, dw), be->ops->free(be, ds);
@@ -486,13 +398,13 @@ static void topk_ties_case(int64_t n_tok, int E, int k) {
     float *lg = malloc(np * sizeof(float));
     assert_non_null(lg);
     for (size_t i = 0; i < np; i++)
-        lg[i] = (float)(tu_rng_u64(&rng) % 4);
+        lg[i] = (float)(tu_rng_u64(&ctu_rng) % 4);
     struct mr_backend *bes[2] = {gpu, cpu};
     int32_t *sel[2];
     for (int b = 0; b < 2; b++) {
         struct mr_backend *be = bes[b];
-        float *dl = put(be, lg, np * 4), *dw = poison(be, ns);
-        int32_t *ds = (int32_t *)poison(be, ns);
+        float *dl = ctu_put(be, lg, np * 4), *dw = ctu_poison(be, ns);
+        int32_t *ds = (int32_t *)ctu_poison(be, ns);
         assert_int_equal(be->ops->softmax_topk(be, dl, n_tok, E, k, true, dl, ds, dw), MOERUN_OK);
         sel[b] = malloc(ns * sizeof(int32_t));
         assert_non_null(sel[b]);
@@ -529,22 +441,22 @@ static void test_softmax_topk(void **state) {
 static void test_swiglu_add(void **state) {
     (void)state;
     const size_t n = 100003;
-    float *g = host_normal(n, 3.0f), *u = host_normal(n, 1.0f);
+    float *g = ctu_host_normal(n, 3.0f), *u = ctu_host_normal(n, 1.0f);
     double *ref = host_ref(n);
     for (size_t i = 0; i < n; i++)
         ref[i] = (double)g[i] / (1.0 + exp(-(double)g[i])) * u[i];
-    float *dg = put(gpu, g, n * 4), *du = put(gpu, u, n * 4), *dout = poison(gpu, n);
+    float *dg = ctu_put(gpu, g, n * 4), *du = ctu_put(gpu, u, n * 4), *dout = ctu_poison(gpu, n);
     assert_int_equal(gpu->ops->swiglu(gpu, dout, dg, du, (int64_t)n), MOERUN_OK);
-    float *y = get(gpu, dout, n);
+    float *y = ctu_get(gpu, dout, n);
     check_rel("swiglu", y, ref, n, TOL_OPS);
-    float *cg = put(cpu, g, n * 4), *cu = put(cpu, u, n * 4);
+    float *cg = ctu_put(cpu, g, n * 4), *cu = ctu_put(cpu, u, n * 4);
     assert_int_equal(cpu->ops->swiglu(cpu, cg, cg, cu, (int64_t)n), MOERUN_OK); /* out = g */
     check_vs_cpu("swiglu", y, cg, ref, n, TOL_OPS);
     free(y);
     for (size_t i = 0; i < n; i++)
         ref[i] = (double)u[i] + (double)g[i];
     assert_int_equal(gpu->ops->add(gpu, du, dg, (int64_t)n), MOERUN_OK);
-    y = get(gpu, du, n);
+    y = ctu_get(gpu, du, n);
     check_rel("add", y, ref, n, TOL_EXACT);
     for (size_t i = 0; i < n; i++)
         assert_true(y[i] == u[i] + g[i]);
@@ -559,14 +471,14 @@ enum plumb { P_ADD_ROWS, P_GATHER, P_SCATTER, P_SUM_SLOTS, P_ADD_GATED };
 static void plumb_case(enum plumb op, int64_t n_tok, int k, int64_t d) {
     const int64_t rows = n_tok * k; /* slots: [n_tok][k][d] */
     const size_t ns = (size_t)(rows * d), ny = (size_t)(n_tok * d);
-    float *src = host_normal(ns, 1.0f), *y0 = host_normal(ns, 1.0f);
-    float *g = host_normal((size_t)rows, 2.0f), *bias = host_normal((size_t)d, 1.0f);
+    float *src = ctu_host_normal(ns, 1.0f), *y0 = ctu_host_normal(ns, 1.0f);
+    float *g = ctu_host_normal((size_t)rows, 2.0f), *bias = ctu_host_normal((size_t)d, 1.0f);
     int32_t *idx = malloc(sizeof(int32_t) * (size_t)rows);
     assert_non_null(idx);
     for (int64_t i = 0; i < rows; i++) /* a random permutation: distinct rows */
         idx[i] = (int32_t)i;
     for (int64_t i = rows - 1; i > 0; i--) {
-        const int64_t j = (int64_t)(tu_rng_u64(&rng) % (uint64_t)(i + 1));
+        const int64_t j = (int64_t)(tu_rng_u64(&ctu_rng) % (uint64_t)(i + 1));
         const int32_t t = idx[i];
         idx[i] = idx[j], idx[j] = t;
     }
@@ -615,10 +527,11 @@ static void plumb_case(enum plumb op, int64_t n_tok, int k, int64_t d) {
     float *out[2];
     for (int b = 0; b < 2; b++) {
         struct mr_backend *be = bes[b];
-        float *ds = put(be, src, ns * 4), *dg = put(be, g, (size_t)rows * 4);
-        float *db = put(be, bias, (size_t)d * 4);
-        int32_t *di = put(be, idx, (size_t)rows * 4);
-        float *dy = op == P_ADD_ROWS || op == P_ADD_GATED ? put(be, y0, ns * 4) : poison(be, ns);
+        float *ds = ctu_put(be, src, ns * 4), *dg = ctu_put(be, g, (size_t)rows * 4);
+        float *db = ctu_put(be, bias, (size_t)d * 4);
+        int32_t *di = ctu_put(be, idx, (size_t)rows * 4);
+        float *dy =
+            op == P_ADD_ROWS || op == P_ADD_GATED ? ctu_put(be, y0, ns * 4) : ctu_poison(be, ns);
         int rc = MOERUN_ERR_INTERNAL;
         switch (op) {
         case P_ADD_ROWS:
@@ -638,7 +551,7 @@ static void plumb_case(enum plumb op, int64_t n_tok, int k, int64_t d) {
             break;
         }
         assert_int_equal(rc, MOERUN_OK);
-        out[b] = get(be, dy, nout);
+        out[b] = ctu_get(be, dy, nout);
         be->ops->free(be, ds), be->ops->free(be, dg), be->ops->free(be, db);
         be->ops->free(be, di), be->ops->free(be, dy);
     }
@@ -677,201 +590,14 @@ static void test_plumbing(void **state) {
     assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK);
 }
 
-/* --- memory, streams, events --------------------------------------------------------------- */
-
-static void test_instance_and_memory(void **state) {
-    (void)state;
-    assert_int_equal(gpu->ops->version, MR_BACKEND_VERSION);
-    assert_string_equal(gpu->ops->name, "cuda");
-    assert_int_equal(gpu->kind, MR_BACKEND_CUDA);
-    assert_false(gpu->host_memory);
-    assert_true(strncmp(gpu->ops->describe(gpu), "cuda:0 ", 7) == 0);
-    assert_string_equal(gpu->ops->describe(gpu), root->ops->describe(root));
-    uint64_t total = 0, free_now = 0;
-    assert_int_equal(gpu->ops->mem_info(gpu, &total, &free_now), MOERUN_OK);
-    assert_true(total > 0 && free_now > 0 && free_now <= total);
-
-    void *p = (void *)&p;
-    assert_int_equal(gpu->ops->alloc(gpu, 0, &p), MOERUN_OK);
-    assert_null(p);
-    gpu->ops->free(gpu, NULL);
-
-    /* upload, then the source is reused at once; copy; download */
-    const size_t n = 1 << 20;
-    float *h = host_normal(n, 1.0f), *keep = malloc(n * 4);
-    assert_non_null(keep);
-    memcpy(keep, h, n * 4);
-    float *a = put(gpu, NULL, n * 4), *b = put(gpu, NULL, n * 4);
-    assert_true((uintptr_t)a % 256 == 0 && (uintptr_t)b % 256 == 0);
-    assert_int_equal(gpu->ops->upload(gpu, a, h, n * 4), MOERUN_OK);
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK); /* then h may change */
-    memset(h, 0xFF, n * 4);
-    assert_int_equal(gpu->ops->copy(gpu, b, a, n * 4), MOERUN_OK);
-    assert_int_equal(gpu->ops->download(gpu, h, b, n * 4), MOERUN_OK);
-    assert_memory_equal(h, keep, n * 4);
-
-    /* a second clone shares the memory of the first; destroyed on its own */
-    struct mr_backend *other = NULL;
-    assert_int_equal(root->ops->clone(root, 2, &other), MOERUN_OK);
-    memset(h, 0, n * 4);
-    assert_int_equal(other->ops->download(other, h, a, n * 4), MOERUN_OK);
-    assert_memory_equal(h, keep, n * 4);
-    be_destroy(other);
-
-    /* an allocation no device has: an error with a message, and the instance still works */
-    p = (void *)&p;
-    assert_int_equal(gpu->ops->alloc(gpu, (uint64_t)1 << 60, &p), MOERUN_ERR_BACKEND);
-    assert_null(p);
-    assert_non_null(strstr(moerun_errmsg(), "cudaMalloc"));
-    assert_int_equal(gpu->ops->add(gpu, a, b, (int64_t)n), MOERUN_OK);
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK);
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COPY), MOERUN_OK);
-    gpu->ops->free(gpu, a), gpu->ops->free(gpu, b);
-    free(h), free(keep);
-}
-
-struct cb_state {
-    float *src; /* the copy's pinned source: the callback may reuse it */
-    size_t n;
-    volatile int ran;
-};
-
-static void overwrite_source(void *arg) {
-    struct cb_state *s = arg;
-    for (size_t i = 0; i < s->n; i++) /* only safe once the copy has completed */
-        s->src[i] = -1.0f;
-    s->ran = 1;
-}
-
-static void test_copy_stream_and_events(void **state) {
-    (void)state;
-    const size_t n = (size_t)16 << 20; /* 64 MiB: long enough that a misordering would show */
-    float *pinned = NULL;
-    assert_int_equal(posix_memalign((void **)&pinned, 4096, n * 4), 0);
-    float *x = host_normal(1 << 16, 1.0f);
-    for (size_t i = 0; i < n; i++)
-        pinned[i] = x[i & 0xFFFF];
-    assert_int_equal(gpu->ops->host_register(gpu, pinned, n * 4), MOERUN_OK);
-
-    float *dst = put(gpu, NULL, n * 4), *y = poison(gpu, n);
-    assert_int_equal(gpu->ops->upload(gpu, y, pinned, n * 4), MOERUN_OK); /* y = x */
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK);  /* pinned may change */
-    struct mr_event *ev = NULL, *never = NULL;
-    assert_int_equal(gpu->ops->event_create(gpu, &ev), MOERUN_OK);
-    assert_int_equal(gpu->ops->event_create(gpu, &never), MOERUN_OK);
-    /* copy stream: copy, record, then a callback that overwrites the source */
-    struct cb_state cb = {pinned, n, 0};
-    assert_int_equal(gpu->ops->copy_async(gpu, dst, pinned, n * 4), MOERUN_OK);
-    assert_int_equal(gpu->ops->record(gpu, MR_STREAM_COPY, ev), MOERUN_OK);
-    assert_int_equal(gpu->ops->callback(gpu, MR_STREAM_COPY, overwrite_source, &cb), MOERUN_OK);
-    /* compute stream: wait for the copy, then y += dst (= 2x); a never-recorded event is done */
-    assert_int_equal(gpu->ops->wait(gpu, MR_STREAM_COMPUTE, never), MOERUN_OK);
-    assert_int_equal(gpu->ops->wait(gpu, MR_STREAM_COMPUTE, ev), MOERUN_OK);
-    assert_int_equal(gpu->ops->add(gpu, y, dst, (int64_t)n), MOERUN_OK);
-    float *got = get(gpu, y, n);
-    for (size_t i = 0; i < n; i++)
-        if (got[i] != 2.0f * x[i & 0xFFFF])
-            fail_msg("element %zu after the event: %g, want %g", i, (double)got[i],
-                     2.0 * x[i & 0xFFFF]);
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COPY), MOERUN_OK);
-    assert_int_equal(cb.ran, 1);
-    free(got);
-    got = get(gpu, dst, n); /* the copy read the source before the callback overwrote it */
-    for (size_t i = 0; i < n; i++)
-        if (got[i] != x[i & 0xFFFF])
-            fail_msg("copied element %zu: %g, want %g", i, (double)got[i], (double)x[i & 0xFFFF]);
-    /* events re-recorded on the compute stream, waited on by the copy stream */
-    assert_int_equal(gpu->ops->record(gpu, MR_STREAM_COMPUTE, ev), MOERUN_OK);
-    assert_int_equal(gpu->ops->wait(gpu, MR_STREAM_COPY, ev), MOERUN_OK);
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COPY), MOERUN_OK);
-    assert_int_equal(gpu->ops->record(gpu, MR_STREAM_COPY, NULL), MOERUN_ERR_INVALID_ARG);
-    gpu->ops->event_destroy(gpu, ev);
-    gpu->ops->event_destroy(gpu, never);
-    gpu->ops->event_destroy(gpu, NULL);
-    gpu->ops->free(gpu, dst), gpu->ops->free(gpu, y);
-    gpu->ops->host_unregister(gpu, pinned);
-    free(pinned), free(got), free(x);
-}
-
-/* --- errors -------------------------------------------------------------------------------- */
-
-static void test_errors(void **state) {
-    (void)state;
-    float *zeros = calloc(1 << 14, sizeof(float)); /* written: compute-sanitizer's initcheck */
-    assert_non_null(zeros);
-    float *buf = put(gpu, zeros, 1 << 16);
-    free(zeros);
-    /* unknown and activation-only weight types: ERR_UNSUPPORTED, nothing launched */
-    assert_int_equal(gpu->ops->matmul(gpu, MOERUN_TYPE_Q8_K, 4, 256, buf, 1, buf, buf),
-                     MOERUN_ERR_UNSUPPORTED);
-    assert_int_equal(gpu->ops->matmul(gpu, 99, 4, 256, buf, 3, buf, buf), MOERUN_ERR_UNSUPPORTED);
-    assert_int_equal(gpu->ops->matmul(gpu, MOERUN_TYPE_Q4_K, 4, 300, buf, 1, buf, buf),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(gpu->ops->softmax_topk(gpu, buf, 1, 300, 2, true, buf, (int32_t *)buf, buf),
-                     MOERUN_ERR_UNSUPPORTED);
-    assert_int_equal(gpu->ops->softmax_topk(gpu, buf, 1, 16, 17, true, buf, (int32_t *)buf, buf),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(gpu->ops->attention(gpu, buf, buf, buf, buf, 2, 0, 4, 4, 512),
-                     MOERUN_ERR_UNSUPPORTED);
-    assert_int_equal(gpu->ops->attention(gpu, buf, buf, buf, buf, 1, 0, 6, 4, 64),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(gpu->ops->rope(gpu, buf, 1, 1, 64, 63, 0, 1e4f, MR_ROPE_MODE_NEOX),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(gpu->ops->rope(gpu, buf, 1, 1, 64, 64, 0, 1e4f, (enum mr_rope_mode)7),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_int_equal(gpu->ops->sync(gpu, (enum mr_stream)5), MOERUN_ERR_INVALID_ARG);
-
-    /* the cuBLAS path needs the workspace: an instance without one says so; F32 needs none and
-     * the fused widths none either */
-    struct mr_backend *bare = NULL;
-    assert_int_equal(root->ops->clone(root, 0, &bare), MOERUN_OK);
-    assert_int_equal(bare->ops->matmul(bare, MOERUN_TYPE_Q4_K, 4, 256, buf, 9, buf, buf),
-                     MOERUN_ERR_INVALID_ARG);
-    assert_non_null(strstr(moerun_errmsg(), "workspace"));
-    assert_int_equal(bare->ops->matmul(bare, MOERUN_TYPE_F32, 4, 256, buf, 9, buf, buf + 4096),
-                     MOERUN_OK);
-    assert_int_equal(bare->ops->matmul(bare, MOERUN_TYPE_Q4_K, 4, 256, buf, 8, buf, buf + 4096),
-                     MOERUN_OK);
-    assert_int_equal(bare->ops->sync(bare, MR_STREAM_COMPUTE), MOERUN_OK);
-    be_destroy(bare);
-    const struct mr_workspace_need small = {.n_batch = 8, .max_k = 4096, .types = ~0};
-    assert_int_equal(gpu->ops->workspace_bytes(gpu, &small), 0);
-
-    /* no such device: an error with a message, not a crash */
-    struct mr_backend *none = (struct mr_backend *)&none;
-    const struct mr_backend_config cfg = {.kind = MR_BACKEND_CUDA, .device = 1000};
-    assert_int_equal(mr_backend_cuda_create(&cfg, &none), MOERUN_ERR_BACKEND);
-    assert_null(none);
-    assert_non_null(strstr(moerun_errmsg(), "no CUDA device"));
-    assert_int_equal(gpu->ops->sync(gpu, MR_STREAM_COMPUTE), MOERUN_OK);
-    gpu->ops->free(gpu, buf);
-}
-
 int main(void) {
-    int n = 0;
-    const int rc = cuda_device_count(&n);
-    if (rc != MOERUN_OK || n == 0) {
-        if (rc == MOERUN_OK) { /* the backend's message names the driver and runtime versions */
-            const struct mr_backend_config cfg = {.kind = MR_BACKEND_CUDA};
-            struct mr_backend *be = NULL;
-            if (mr_backend_cuda_create(&cfg, &be) == MOERUN_OK) /* cannot happen with no device */
-                be->ops->destroy(be);
-        }
-        fprintf(stderr, "no CUDA device: skipping (%s)\n", moerun_errmsg());
+    if (!ctu_device_present())
         return TU_SKIP;
-    }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_instance_and_memory),
-        cmocka_unit_test(test_matmul_every_type),
-        cmocka_unit_test(test_matmul_thresholds),
-        cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_softmax_topk),
-        cmocka_unit_test(test_swiglu_add),
-        cmocka_unit_test(test_plumbing),
-        cmocka_unit_test(test_copy_stream_and_events),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_matmul_every_type), cmocka_unit_test(test_matmul_thresholds),
+        cmocka_unit_test(test_rmsnorm),           cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention),         cmocka_unit_test(test_softmax_topk),
+        cmocka_unit_test(test_swiglu_add),        cmocka_unit_test(test_plumbing),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, ctu_teardown);
 }

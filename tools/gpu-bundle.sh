@@ -17,8 +17,8 @@ build=$root/build/gpu-bundle
 out=$build/bundle
 shared=${MOERUN_SHARED_DIR:-$root/../shared}
 cases=${GOLDEN_CASES:-mixtral-f32 mixtral-f16 qwen2moe-f32 olmoe-f32 mixtral-q4_k}
-targets=(test_cuda test_cuda_ops test_cuda_backend test_forward test_gpu_tiers bench_gpu moe-run
-         moe-synth)
+targets=(test_cuda test_cuda_ops test_cuda_backend test_cuda_streams test_forward test_gpu_tiers
+         bench_gpu moe-run moe-synth)
 
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOERUN_CUDA=ON -DMOERUN_WERROR=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null

@@ -4,7 +4,7 @@
 # usage: bash run.sh test|sanitize|bench|model-bench|all
 #   test         the gpu-labelled tests: each kernel and op against float64 and the CPU, the
 #                golden cases on the GPU, the three-tier invariant and failed uploads on the GPU
-#   sanitize     compute-sanitizer memcheck and racecheck over the CUDA backend test, the
+#   sanitize     compute-sanitizer memcheck and racecheck over the CUDA backend tests, the
 #                forward pass and the three tiers on the GPU
 #   bench        bench_gpu: pinned host->GPU bandwidth, GPU memory bandwidth, matvec per type
 #   model-bench  bench-gpu.sh on a generated Mixtral-8x7B-shaped Q4_K model (~26 GB of disk)
@@ -36,6 +36,7 @@ do_test() {
     run_test test_cuda
     run_test test_cuda_ops
     run_test test_cuda_backend
+    run_test test_cuda_streams
     run_test test_forward:cuda MOERUN_TEST_DEVICE=cuda
     run_test test_gpu_tiers:cuda MOERUN_TEST_DEVICE=cuda
 }
@@ -43,7 +44,7 @@ do_test() {
 do_sanitize() {
     command -v compute-sanitizer >/dev/null || PATH=$PATH:/usr/local/cuda/bin
     for tool in memcheck racecheck; do
-        for t in test_cuda_backend test_forward test_gpu_tiers; do
+        for t in test_cuda_backend test_cuda_streams test_forward test_gpu_tiers; do
             echo "== compute-sanitizer --tool $tool $t"
             MOERUN_TEST_DEVICE=cuda compute-sanitizer --tool "$tool" --error-exitcode 9 \
                 "$bin/$t" >"$out/san-$tool-$t.log" 2>&1

@@ -236,7 +236,8 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
                 "\"bytes_per_token\":%.0f,\"expert_hits\":%llu,\"expert_misses\":%llu,"
                 "\"hit_rate\":%.4f,\"dense_hits\":%llu,\"dense_misses\":%llu,"
                 "\"prefetch_issued\":%llu,\"prefetch_used\":%llu,\"prefetch_cancelled\":%llu,"
-                "\"prediction_precision\":%.4f,\"prediction_recall\":%.4f,\"stall_ms\":%.3f,"
+                "\"predicted\":%llu,\"prediction_precision\":%.4f,\"prediction_recall\":%.4f,"
+                "\"stall_ms\":%.3f,"
                 "\"read_busy_ms\":%.3f,\"read_gbps\":%.3f,\"layer_hits\":[",
                 (unsigned long long)st->host_bytes, st->slots_dense, st->slots_expert,
                 st->direct_io ? "true" : "false", (unsigned long long)prompt_bytes,
@@ -244,8 +245,9 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
                 (unsigned long long)st->expert_hits, (unsigned long long)st->expert_misses, hit,
                 (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
                 (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
-                (unsigned long long)st->prefetch_cancelled, st->prediction_precision,
-                st->prediction_recall, st->stall_ns / 1e6, busy_ms, st->read_gbps);
+                (unsigned long long)st->prefetch_cancelled, (unsigned long long)st->predicted,
+                st->prediction_precision, st->prediction_recall, st->stall_ns / 1e6, busy_ms,
+                st->read_gbps);
         for (uint32_t l = 0; l < st->n_layer; l++)
             fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_hits[l]);
         fprintf(f, "],\"layer_misses\":[");
@@ -285,16 +287,22 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
             "moe-run: prompt read %.1f MiB; decode read %.1f MiB (%.2f MiB/token), read %.2f "
             "GB/s while reading (%.0f ms busy of %.0f ms)\n"
             "moe-run: experts: %llu hits, %llu misses (hit rate %.1f%%); dense %llu hits, %llu "
-            "misses\n"
-            "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu, "
-            "cancelled %llu; stalled %.1f ms\n",
+            "misses\n",
             prompt_bytes / 1048576.0, st->nvme_bytes_read / 1048576.0, per_tok / 1048576.0,
             st->read_gbps, busy_ms, gen_ms, (unsigned long long)st->expert_hits,
             (unsigned long long)st->expert_misses, 100.0 * hit, (unsigned long long)st->dense_hits,
-            (unsigned long long)st->dense_misses, 100.0 * st->prediction_precision,
-            100.0 * st->prediction_recall, (unsigned long long)st->prefetch_issued,
-            (unsigned long long)st->prefetch_used, (unsigned long long)st->prefetch_cancelled,
-            st->stall_ns / 1e6);
+            (unsigned long long)st->dense_misses);
+    if (st->predicted)
+        fprintf(f,
+                "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu, "
+                "cancelled %llu; stalled %.1f ms\n",
+                100.0 * st->prediction_precision, 100.0 * st->prediction_recall,
+                (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
+                (unsigned long long)st->prefetch_cancelled, st->stall_ns / 1e6);
+    else
+        fprintf(f,
+                "moe-run: no predictions (every section has a slot of its own); stalled %.1f ms\n",
+                st->stall_ns / 1e6);
     fprintf(f, "moe-run: per layer hits/misses:");
     for (uint32_t l = 0; l < st->n_layer; l++)
         fprintf(f, " %llu/%llu", (unsigned long long)st->layer_hits[l],

@@ -389,6 +389,8 @@ typedef struct moerun_stats {
     double copy_gbps;          /* achieved upload bandwidth while uploading, GB/s */
     uint64_t host_hits;        /* GPU loads served from the pinned host tier */
     uint64_t host_misses;      /* GPU loads read from the file first */
+    uint64_t predicted;        /* experts predicted (0: no predictions were made, as when every
+                                  section has a slot of its own) */
 } moerun_stats;
 
 /* A snapshot of the model's tier statistics. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
