@@ -83,20 +83,32 @@ static int attention_block(struct moerun_session *s, const struct mr_layer *l, u
 
 /* --- experts -------------------------------------------------------------------------------- */
 
-/* Router: probabilities, the k chosen experts and their weights; on the host, the rows of the
- * batch grouped by expert (route_start, route_rows), and their tokens and rows uploaded for
- * the gathers and scatters. */
-static int route(struct moerun_session *s, const struct mr_layer *l, uint32_t n) {
+/* Router: probabilities, the k chosen experts and their weights (enqueued). */
+static int route_enqueue(struct moerun_session *s, const struct mr_layer *l, uint32_t n) {
+    const struct mr_hparams *hp = &s->w->hp;
+    struct mr_scratch *b = &s->s;
+    int rc = matmul(s, &l->router, n, b->h, b->probs);
+    return rc ? rc
+              : OPS(s)->softmax_topk(s->be, b->probs, n, (int)hp->n_expert, (int)hp->n_expert_used,
+                                     s->w->arch->norm_topk, b->probs, b->sel, b->sel_w);
+}
+
+/* The routing on the host (with the prediction enqueued after it, when with_pred: one
+ * download brings both): the rows of the batch grouped by expert (route_start, route_rows),
+ * and their tokens and rows uploaded for the gathers and scatters. */
+static int route_collect(struct moerun_session *s, const struct mr_layer *l, uint32_t n,
+                         bool with_pred) {
     const struct mr_hparams *hp = &s->w->hp;
     const struct mr_backend_ops *ops = OPS(s);
     struct mr_scratch *b = &s->s;
     struct mr_host_scratch *hs = &s->hs;
     const uint32_t E = hp->n_expert, K = hp->n_expert_used;
+    const uint64_t sel_bytes = (uint64_t)n * K * sizeof(int32_t);
+    const uint64_t down = with_pred ? (uint64_t)((uint8_t *)hs->pred - (uint8_t *)hs->sel) +
+                                          (uint64_t)n * E * sizeof(float)
+                                    : sel_bytes;
     int rc;
-    if ((rc = matmul(s, &l->router, n, b->h, b->probs)) ||
-        (rc = ops->softmax_topk(s->be, b->probs, n, (int)E, (int)K, s->w->arch->norm_topk, b->probs,
-                                b->sel, b->sel_w)) ||
-        (rc = ops->download(s->be, hs->sel, b->sel, (uint64_t)n * K * sizeof(int32_t))) ||
+    if ((rc = ops->download(s->be, hs->sel, b->sel, down)) ||
         (s->route_fn &&
          (rc = ops->download(s->be, hs->sel_w, b->sel_w, (uint64_t)n * K * sizeof(float)))))
         return rc;
@@ -116,9 +128,8 @@ static int route(struct moerun_session *s, const struct mr_layer *l, uint32_t n)
     hs->route_start[0] = 0;
     for (uint32_t i = 0; i < n * K; i++)
         hs->tok_of[i] = (int32_t)(hs->route_rows[i] / K);
-    const uint64_t bytes = (uint64_t)n * K * sizeof(int32_t);
-    if ((rc = ops->upload(s->be, b->tok_of, hs->tok_of, bytes)) ||
-        (rc = ops->upload(s->be, b->row_of, hs->route_rows, bytes)))
+    if ((rc = ops->upload(s->be, b->tok_of, hs->tok_of, sel_bytes)) ||
+        (rc = ops->upload(s->be, b->row_of, hs->route_rows, sel_bytes)))
         return rc;
     if (s->route_fn)
         for (uint32_t t = 0; t < n; t++)
@@ -198,37 +209,43 @@ static int experts_run(struct moerun_session *s, uint32_t il) {
     return rc == 1 ? MOERUN_OK : rc;
 }
 
-/* Predict the experts of layers first .. last (inclusive, capped at the last layer) from the
- * hidden state x: their routers after their norms, averaged over the batch. Routers and their
- * norms are resident, so this never waits for a load. */
-static int predict(struct moerun_session *s, uint32_t first, uint32_t last, uint32_t n) {
+/* The prediction of layer il's experts from the hidden state x: its router after its norm
+ * (resident: this never waits for a load), into s.pred (enqueued). */
+static int predict_enqueue(struct moerun_session *s, uint32_t il, uint32_t n) {
     const struct mr_hparams *hp = &s->w->hp;
-    const struct mr_backend_ops *ops = OPS(s);
+    const struct mr_layer *l = &s->w->layers[il];
     struct mr_scratch *b = &s->s;
-    float *pred = s->hs.pred;
-    const uint32_t d = hp->n_embd, E = hp->n_expert;
-    for (uint32_t il = first; il <= last && il < hp->n_layer; il++) {
-        const struct mr_layer *l = &s->w->layers[il];
-        int rc;
-        if ((rc = rmsnorm(s, b->xe, b->x, &l->ffn_norm, n, d)) ||
-            (rc = matmul(s, &l->router, n, b->xe, b->pred)) ||
-            (rc = ops->softmax_topk(s->be, b->pred, n, (int)E, 0, false, b->pred, NULL, NULL)) ||
-            (rc = ops->download(s->be, pred, b->pred, (uint64_t)n * E * sizeof(float))))
-            return rc;
-        for (uint32_t t = 1; t < n; t++)
-            for (uint32_t e = 0; e < E; e++)
-                pred[e] += pred[(size_t)t * E + e];
-        for (uint32_t e = 0; e < E && n > 1; e++)
-            pred[e] /= (float)n;
-        offload_predict(s->model->offload, il, pred);
-    }
-    return MOERUN_OK;
+    int rc;
+    if ((rc = rmsnorm(s, b->xe, b->x, &l->ffn_norm, n, hp->n_embd)) ||
+        (rc = matmul(s, &l->router, n, b->xe, b->pred)))
+        return rc;
+    return OPS(s)->softmax_topk(s->be, b->pred, n, (int)hp->n_expert, 0, false, b->pred, NULL,
+                                NULL);
 }
 
-/* The next layers' experts from layer il's hidden state (x, before its experts). */
-static int predict_ahead(struct moerun_session *s, uint32_t il, uint32_t n) {
-    const uint32_t ahead = (uint32_t)offload_prefetch_layers(s->model->offload);
-    return predict(s, il + 1, il + ahead, n);
+/* Hand the downloaded prediction (hs.pred), averaged over the batch, to the scheduler. */
+static void predict_apply(struct moerun_session *s, uint32_t il, uint32_t n) {
+    const uint32_t E = s->w->hp.n_expert;
+    float *pred = s->hs.pred;
+    for (uint32_t t = 1; t < n; t++)
+        for (uint32_t e = 0; e < E; e++)
+            pred[e] += pred[(size_t)t * E + e];
+    for (uint32_t e = 0; e < E && n > 1; e++)
+        pred[e] /= (float)n;
+    offload_predict(s->model->offload, il, pred);
+}
+
+/* Predict layers first .. last (inclusive, capped at the last layer), one at a time. */
+static int predict(struct moerun_session *s, uint32_t first, uint32_t last, uint32_t n) {
+    const uint32_t E = s->w->hp.n_expert;
+    for (uint32_t il = first; il <= last && il < s->w->hp.n_layer; il++) {
+        int rc;
+        if ((rc = predict_enqueue(s, il, n)) ||
+            (rc = OPS(s)->download(s->be, s->hs.pred, s->s.pred, (uint64_t)n * E * sizeof(float))))
+            return rc;
+        predict_apply(s, il, n);
+    }
+    return MOERUN_OK;
 }
 
 static int moe_block(struct moerun_session *s, const struct mr_layer *dense, uint32_t il,
@@ -241,11 +258,21 @@ static int moe_block(struct moerun_session *s, const struct mr_layer *dense, uin
     const uint32_t d = hp->n_embd, K = hp->n_expert_used;
     int rc;
 
-    if ((rc = rmsnorm(s, b->h, b->x, &l->ffn_norm, n, d)) || (rc = route(s, l, n)))
+    /* the routing, and the next layer's prediction from the same hidden state enqueued behind
+     * it, so that one wait for the device brings both */
+    struct mr_offload *o = s->model->offload;
+    const uint32_t ahead = o ? (uint32_t)offload_prefetch_layers(o) : 0;
+    const bool next = ahead && il + 1 < hp->n_layer;
+    if ((rc = rmsnorm(s, b->h, b->x, &l->ffn_norm, n, d)) || (rc = route_enqueue(s, l, n)) ||
+        (next && (rc = predict_enqueue(s, il + 1, n))) || (rc = route_collect(s, l, n, next)))
         return rc;
-    /* through the tiers: this layer's reads first, then the prediction's for later layers,
+    /* through the tiers: this layer's reads first, then the predictions' for later layers,
      * which go to the loader as it idles (and overlap the experts computed below) */
-    if (s->model->offload && ((rc = experts_request(s, il)) || (rc = predict_ahead(s, il, n))))
+    if (o && (rc = experts_request(s, il)))
+        return rc;
+    if (next)
+        predict_apply(s, il + 1, n);
+    if (ahead > 1 && (rc = predict(s, il + 2, il + ahead, n)))
         return rc;
     if ((rc = experts_run(s, il)))
         return rc;

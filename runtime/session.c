@@ -66,6 +66,7 @@ static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     b->att = take(&lay, base, nb * qd * f);
     b->probs = take(&lay, base, nb * E * f);
     b->sel = take(&lay, base, nb * K * sizeof(int32_t));
+    b->pred = take(&lay, base, nb * E * f); /* right after sel, as in the host's layout */
     b->sel_w = take(&lay, base, nb * K * f);
     b->tok_of = take(&lay, base, nb * K * sizeof(int32_t));
     b->row_of = take(&lay, base, nb * K * sizeof(int32_t));
@@ -75,7 +76,6 @@ static size_t lay_out(struct moerun_session *s, uint8_t *base) {
     b->de = take(&lay, base, nb * d * f);
     b->slots = take(&lay, base, nb * K * d * f);
     b->sh_g = take(&lay, base, nb * f);
-    b->pred = take(&lay, base, nb * E * f);
     b->logits = s->be->host_memory ? NULL : take(&lay, base, (size_t)s->n_logits * hp->n_vocab * f);
     b->ws = take(&lay, base, s->ws_bytes);
     return lay.offset;
@@ -89,11 +89,11 @@ static size_t lay_out_host(struct moerun_session *s, uint8_t *base) {
     struct mr_host_scratch *h = &s->hs;
     h->x = take(&lay, base, nb * hp->n_embd * sizeof(float));
     h->sel = take(&lay, base, nb * K * sizeof(int32_t));
+    h->pred = take(&lay, base, nb * E * sizeof(float)); /* right after sel, as on the device */
     h->sel_w = take(&lay, base, nb * K * sizeof(float));
     h->route_start = take(&lay, base, (E + 1) * sizeof(uint32_t));
     h->route_rows = take(&lay, base, nb * K * sizeof(uint32_t));
     h->tok_of = take(&lay, base, nb * K * sizeof(int32_t));
-    h->pred = take(&lay, base, nb * E * sizeof(float));
     h->need = take(&lay, base, E * sizeof(int32_t));
     return lay.offset;
 }

@@ -28,7 +28,9 @@ struct mr_scratch {
     float *de;       /* [nb][d] down projection */
     float *slots;    /* [nb][k][d] weighted expert outputs, summed in slot order */
     float *sh_g;     /* [nb] shared expert gate */
-    float *pred;     /* [nb][E] predicted router probabilities of a later layer */
+    float *pred;     /* [nb][E] predicted router probabilities of a later layer; sel and pred
+                        are laid out alike here and in mr_host_scratch, so one download from
+                        sel brings both */
     float *logits;   /* [n_logits][n_vocab] (a backend without host memory) */
     void *ws;        /* the backend's workspace */
 };
