@@ -195,21 +195,25 @@ void be_host_unregister(struct mr_backend *be, void *p) {
     (void)cudaGetLastError();
 }
 
+// bytes from src to dst on stream, asynchronous (what names the copy in an error).
+int memcpy_async(cuda_be *c, void *dst, const void *src, uint64_t bytes, cudaMemcpyKind kind,
+                 cudaStream_t stream, const char *what) {
+    if (bytes == 0)
+        return MOERUN_OK;
+    int rc = enter(c);
+    if (rc)
+        return rc;
+    cudaError_t e = cudaMemcpyAsync(dst, src, (size_t)bytes, kind, stream);
+    return e == cudaSuccess ? MOERUN_OK : cuda_util_err(e, what);
+}
+
 // Host -> device, asynchronous on the compute stream: the contract keeps src unchanged until a
 // later download or sync returns, so nothing waits here (from pinned memory the copy overlaps the
 // host; from pageable memory the runtime stages it first).
 int be_upload(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
-    if (bytes == 0)
-        return MOERUN_OK;
     cuda_be *c = cb(be);
-    int rc = enter(c);
-    if (rc)
-        return rc;
-    cudaError_t e =
-        cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, c->dev->compute);
-    if (e != cudaSuccess)
-        return cuda_util_err(e, "cudaMemcpyAsync (host to device)");
-    return MOERUN_OK;
+    return memcpy_async(c, dst, src, bytes, cudaMemcpyHostToDevice, c->dev->compute,
+                        "cudaMemcpyAsync (host to device)");
 }
 
 int be_download(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
@@ -223,17 +227,9 @@ int be_download(struct mr_backend *be, void *dst, const void *src, uint64_t byte
 }
 
 int be_copy(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
-    if (bytes == 0)
-        return MOERUN_OK;
     cuda_be *c = cb(be);
-    int rc = enter(c);
-    if (rc)
-        return rc;
-    cudaError_t e =
-        cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToDevice, c->dev->compute);
-    if (e != cudaSuccess)
-        return cuda_util_err(e, "cudaMemcpyAsync (device to device)");
-    return MOERUN_OK;
+    return memcpy_async(c, dst, src, bytes, cudaMemcpyDeviceToDevice, c->dev->compute,
+                        "cudaMemcpyAsync (device to device)");
 }
 
 int be_sync(struct mr_backend *be, enum mr_stream stream) {
@@ -271,16 +267,9 @@ void be_event_destroy(struct mr_backend *be, struct mr_event *ev) {
 }
 
 int be_copy_async(struct mr_backend *be, void *dst, const void *src, uint64_t bytes) {
-    if (bytes == 0)
-        return MOERUN_OK;
     cuda_be *c = cb(be);
-    int rc = enter(c);
-    if (rc)
-        return rc;
-    cudaError_t e = cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, c->dev->copy);
-    if (e != cudaSuccess)
-        return cuda_util_err(e, "cudaMemcpyAsync (copy stream, host to device)");
-    return MOERUN_OK;
+    return memcpy_async(c, dst, src, bytes, cudaMemcpyHostToDevice, c->dev->copy,
+                        "cudaMemcpyAsync (copy stream, host to device)");
 }
 
 int be_record(struct mr_backend *be, enum mr_stream stream, struct mr_event *ev) {

@@ -207,6 +207,18 @@ static void test_dequant_f16(void **state) {
     }
 }
 
+/* ref[c][r] = W[r] . X[c] in float64 over the dequantized weights, for n columns. */
+static void matmul_ref(const struct weights *wt, const float *x, int64_t n, int64_t rows, int64_t k,
+                       double *ref) {
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t r = 0; r < rows; r++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < k; i++)
+                s += (double)wt->deq[r * k + i] * (double)x[c * k + i];
+            ref[c * rows + r] = s;
+        }
+}
+
 static void test_matmul_f16_gemm(void **state) {
     (void)state;
     static const int64_t ns[] = {1, 3, 17};
@@ -220,13 +232,7 @@ static void test_matmul_f16_gemm(void **state) {
         double *ref = malloc(sizeof(double) * (size_t)(n * rows));
         assert_true(x && ref);
         tu_fill_normal(&rng, x, (size_t)(n * k), 1.0f);
-        for (int64_t c = 0; c < n; c++)
-            for (int64_t r = 0; r < rows; r++) {
-                double s = 0.0;
-                for (int64_t i = 0; i < k; i++)
-                    s += (double)wt.deq[r * k + i] * (double)x[c * k + i];
-                ref[c * rows + r] = s;
-            }
+        matmul_ref(&wt, x, n, rows, k, ref);
         void *dw = dev_copy(wt.q, wt.bytes), *scratch = NULL;
         float *dx = dev_copy(x, sizeof(float) * (size_t)(n * k));
         float *dy = dev_poison(NULL, (size_t)(n * rows));
@@ -259,13 +265,7 @@ static void batched_case(int type, int64_t rows, int64_t k, int64_t n, size_t sc
     double *ref = malloc(sizeof(double) * (size_t)(n * rows));
     assert_true(x && ref);
     tu_fill_normal(&rng, x, (size_t)(n * k), 1.0f);
-    for (int64_t c = 0; c < n; c++)
-        for (int64_t r = 0; r < rows; r++) {
-            double s = 0.0;
-            for (int64_t i = 0; i < k; i++)
-                s += (double)wt.deq[r * k + i] * (double)x[c * k + i];
-            ref[c * rows + r] = s;
-        }
+    matmul_ref(&wt, x, n, rows, k, ref);
     void *dw = dev_copy(wt.q, wt.bytes), *scratch = NULL;
     float *dx = dev_copy(x, sizeof(float) * (size_t)(n * k));
     float *dy = dev_poison(NULL, (size_t)(n * rows));
