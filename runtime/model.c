@@ -20,7 +20,7 @@ void moerun_model_params_init(moerun_model_params *p) {
     memset(p, 0, sizeof(*p));
     p->struct_size = sizeof(*p);
     p->policy = MOERUN_POLICY_LRU;
-    p->prefetch = 1;
+    p->prefetch = MOERUN_PREFETCH_AUTO;
     p->prefetch_layers = 1;
     p->direct_io = 1;
 }

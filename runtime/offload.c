@@ -193,12 +193,16 @@ int offload_open(struct moerun_model *m, const char *path) {
     o->n_layer = w->hp.n_layer;
     o->n_expert = w->hp.n_expert;
     o->prefetch_layers = m->params.prefetch_layers > 0 ? m->params.prefetch_layers : 1;
+    o->prefetch = m->params.prefetch;
     pthread_mutex_init(&o->run_lock, NULL);
     if (o->n_layer > 4096)
         return mr_err(MOERUN_ERR_UNSUPPORTED, "offload: more than 4096 layers");
     if (m->params.policy < MOERUN_POLICY_LRU || m->params.policy > MOERUN_POLICY_PREDICTED)
         return mr_err(MOERUN_ERR_INVALID_ARG, "offload: unknown eviction policy %d",
                       m->params.policy);
+    if (m->params.prefetch < MOERUN_PREFETCH_OFF || m->params.prefetch > MOERUN_PREFETCH_AUTO)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "offload: unknown prefetch mode %d",
+                      m->params.prefetch);
     o->n_sections = o->n_layer + o->n_layer * o->n_expert;
     o->sections = mr_calloc(a, o->n_sections, sizeof(*o->sections));
     o->dense_at = mr_calloc(a, o->n_layer, sizeof(*o->dense_at));
@@ -225,7 +229,7 @@ static int open_host_slots(struct mr_offload *o, struct moerun_model *m, const c
         .n_expert = o->n_expert,
         .n_expert_used = w->hp.n_expert_used,
         .policy = (enum sched_policy)m->params.policy,
-        .prefetch = m->params.prefetch != 0,
+        .prefetch = (enum sched_prefetch)m->params.prefetch,
         .prefetch_when_idle = true,
     };
     const uint64_t min_slots = sched_min_bytes(&sp, o->sections, o->n_sections);
@@ -314,7 +318,27 @@ void offload_layer_release(struct mr_offload *o, uint32_t il) {
     sched_dense_release(o->sched, il);
 }
 
+/* ns per byte from bytes moved in busy_ns, or 0 below 1 MiB (not measured yet) */
+static double per_byte(uint64_t busy_ns, uint64_t bytes) {
+    return bytes >= (1u << 20) ? (double)busy_ns / (double)bytes : 0.0;
+}
+
+/* The cost of loading for prefetch's AUTO mode: the disk's; with a GPU, the copy's plus the
+ * disk's for the share of loads the host tier misses. */
+static double load_cost(const struct mr_offload *o) {
+    struct tier_nvme_stats ns;
+    tier_nvme_get_stats(o->nvme, &ns);
+    const double disk = per_byte(ns.busy_ns, ns.bytes_read);
+    if (!o->dev)
+        return disk;
+    double copy, miss_share;
+    offload_gpu_load_figures(o, &copy, &miss_share);
+    return copy > 0.0 ? copy + miss_share * disk : 0.0;
+}
+
 int offload_experts_request(struct mr_offload *o, uint32_t il, const int32_t *experts, uint32_t n) {
+    if (o->prefetch == MOERUN_PREFETCH_AUTO)
+        sched_set_load_cost(o->sched, load_cost(o));
     return sched_experts_request(o->sched, il, experts, n);
 }
 
@@ -382,6 +406,10 @@ void offload_get_stats(const struct mr_offload *o, moerun_stats *out) {
     st.prediction_precision = ss.predicted ? (double)ss.predicted_correct / ss.predicted : 0.0;
     st.prediction_recall = ss.needed ? (double)ss.predicted_correct / ss.needed : 0.0;
     st.predicted = ss.predicted;
+    st.prefetch_skipped = ss.prefetch_skipped;
+    st.prefetch_on = ss.prefetch_on;
+    st.layer_compute_ns = ss.layer_compute_ns;
+    st.wrong_load_ns = ss.wrong_load_ns;
     st.stall_ns = ss.stall_ns;
     st.read_gbps = ns.busy_ns ? (double)ns.bytes_read / (double)ns.busy_ns : 0.0;
     st.direct_io = tier_nvme_is_direct(o->nvme);

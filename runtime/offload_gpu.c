@@ -216,7 +216,7 @@ int offload_gpu_open(struct mr_offload *o, struct moerun_model *m, const char *p
         .n_expert = o->n_expert,
         .n_expert_used = w->hp.n_expert_used,
         .policy = (enum sched_policy)mp->policy,
-        .prefetch = mp->prefetch != 0,
+        .prefetch = (enum sched_prefetch)mp->prefetch,
         .prefetch_when_idle = true,
     };
     /* as a session's defaults: the trained context, at most 4096 */
@@ -350,6 +350,18 @@ void offload_gpu_get_stats(const struct mr_offload *o, moerun_stats *st) {
     st->copy_gbps = ds.busy_ns ? (double)ds.bytes_uploaded / (double)ds.busy_ns : 0.0;
     st->host_hits = ss.host_hits;
     st->host_misses = ss.host_misses;
+}
+
+void offload_gpu_load_figures(const struct mr_offload *o, double *copy_ns_per_byte,
+                              double *miss_share) {
+    struct tier_device_stats ds;
+    struct stage_stats ss;
+    tier_device_get_stats(o->dev, &ds);
+    stage_get_stats(o->stage, &ss);
+    *copy_ns_per_byte =
+        ds.bytes_uploaded >= (1u << 20) ? (double)ds.busy_ns / (double)ds.bytes_uploaded : 0.0;
+    const uint64_t loads = ss.host_hits + ss.host_misses;
+    *miss_share = loads ? (double)ss.host_misses / (double)loads : 1.0;
 }
 
 void offload_gpu_reset_stats(struct mr_offload *o) {

@@ -26,6 +26,7 @@ struct mr_offload {
                                   the embeddings alone (GPU) */
     uint64_t resident_bytes;
     int prefetch_layers;
+    int prefetch;                     /* moerun_prefetch */
     struct tier_nvme_stats nvme_base; /* the NVMe counters at the last reset */
     pthread_mutex_t run_lock;
     const moerun_allocator *a;
@@ -78,6 +79,10 @@ void offload_gpu_close(struct mr_offload *o);
 int offload_gpu_acquire(struct mr_offload *o, const void *base, int32_t *slot);
 void offload_gpu_release(struct mr_offload *o, int32_t slot);
 void offload_gpu_get_stats(const struct mr_offload *o, moerun_stats *st);
+/* For prefetch's AUTO mode: ns per byte of uploads (0 below 1 MiB uploaded), and the share of
+ * GPU loads the host tier missed (read from the file first). */
+void offload_gpu_load_figures(const struct mr_offload *o, double *copy_ns_per_byte,
+                              double *miss_share);
 void offload_gpu_reset_stats(struct mr_offload *o);
 
 #endif /* MOERUN_OFFLOAD_IMPL_H */

@@ -93,6 +93,58 @@ static void cancel_queued(struct sched *s, uint32_t layer) {
     }
 }
 
+/* ---- prefetch on or off (SCHED_PREFETCH_AUTO; the model in scheduler.h) -------------------- */
+
+static void average(double *avg, double v, uint32_t *n) {
+    *avg = *n ? *avg + (v - *avg) / 8.0 : v;
+    if (*n < UINT32_MAX)
+        (*n)++;
+}
+
+/* A request of layer `layer`: the compute time since the previous layer's request (consecutive
+ * layers only: the gap between tokens holds sampling and whatever the caller does), and how
+ * right the prediction for this layer was (correct of k, when there was one). */
+static void auto_observe(struct sched *s, uint32_t layer, int64_t correct) {
+    struct pf_auto *a = &s->pf;
+    const uint64_t now = sched_now_ns();
+    if (a->last_layer >= 0 && (uint32_t)a->last_layer + 1 == layer) {
+        const uint64_t wall = now - a->last_ns, stalled = a->stall_ns - a->last_stall;
+        average(&a->compute_ns, wall > stalled ? (double)(wall - stalled) : 0.0, &a->n_compute);
+    }
+    a->last_layer = layer;
+    a->last_ns = now;
+    a->last_stall = a->stall_ns;
+    if (correct >= 0)
+        average(&a->precision, (double)correct / s->p.n_expert_used, &a->n_precision);
+}
+
+/* Whether to act on a prediction with `cand` of its top-k not resident (AUTO). */
+static bool auto_decide(struct sched *s, uint32_t cand) {
+    struct pf_auto *a = &s->pf;
+    average(&a->candidates, cand, &a->n_cand);
+    if (a->ns_per_byte <= 0.0 || a->n_compute < 4 || a->n_precision < 4)
+        return a->on = true;
+    /* a wrong load also takes a slot from an expert that is then missed as often as cached
+     * experts are reused (hits that no prefetch brought, of the experts needed) */
+    const struct sched_stats *st = &s->stats;
+    const uint64_t needed = st->expert_hits + st->expert_misses;
+    const double reuse =
+        needed ? (double)(st->expert_hits - MR_MIN(st->prefetch_used, st->expert_hits)) / needed
+               : 0.0;
+    a->wrong_ns = (1.0 - a->precision) * a->candidates * (double)s->eslot_bytes * a->ns_per_byte *
+                  (1.0 + reuse);
+    a->on = a->wrong_ns < (a->on ? 1.25 : 0.8) * a->compute_ns;
+    return a->on;
+}
+
+void sched_set_load_cost(struct sched *s, double ns_per_byte) {
+    if (!s || !(ns_per_byte > 0.0))
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->pf.ns_per_byte = ns_per_byte;
+    pthread_mutex_unlock(&s->mu);
+}
+
 /* End the current request: unpin what it still holds. */
 static void end_request(struct sched *s) {
     for (uint32_t i = 0; i < s->req_n; i++) {
@@ -122,14 +174,18 @@ int sched_experts_request(struct sched *s, uint32_t layer, const int32_t *expert
         }
         s->mark[e] = 1;
     }
+    int64_t correct = -1;
     if (s->pred_pending[layer]) {
         const int32_t *top = s->pred_topk + (size_t)layer * s->p.n_expert_used;
+        correct = 0;
         for (uint32_t i = 0; i < s->p.n_expert_used; i++)
-            s->stats.predicted_correct += s->mark[top[i]];
+            correct += s->mark[top[i]];
+        s->stats.predicted_correct += (uint64_t)correct;
         s->stats.predicted += s->p.n_expert_used;
         s->stats.needed += n;
         s->pred_pending[layer] = false;
     }
+    auto_observe(s, layer, correct);
     s->req_layer = layer;
     s->req_active = true;
     for (uint32_t i = 0; i < n; i++) {
@@ -279,9 +335,19 @@ void sched_predict(struct sched *s, uint32_t layer, const float *scores) {
     for (uint32_t e = 0; e < ne && s->n_queued; e++)
         if (!s->mark[e] && s->st[first + e].state == SCHED_QUEUED)
             sched_evict(s, first + e);
-    /* prefetch, unless the layer computing still waits for slots: queue the loads, most likely
-     * first; the pump starts them as the in-flight cap allows */
-    if (s->p.prefetch && !has_deferred(s)) {
+    /* prefetch (AUTO: while it pays), unless the layer computing still waits for slots: queue
+     * the loads, most likely first; the pump starts them as the in-flight cap allows */
+    bool act = s->p.prefetch == SCHED_PREFETCH_ON;
+    if (s->p.prefetch == SCHED_PREFETCH_AUTO) {
+        uint32_t cand = 0;
+        for (uint32_t i = 0; i < k; i++) {
+            const uint8_t st = s->st[first + (uint32_t)top[i]].state;
+            cand += st != SCHED_RESIDENT && st != SCHED_LOADING && st != SCHED_QUEUED;
+        }
+        act = auto_decide(s, cand);
+        s->stats.prefetch_skipped += !act;
+    }
+    if (act && !has_deferred(s)) {
         for (uint32_t i = 0; i < k; i++) {
             uint32_t sec = first + (uint32_t)top[i];
             struct sec_state *t = &s->st[sec];

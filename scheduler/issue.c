@@ -165,7 +165,7 @@ int sched_take_failure(struct sched *s, uint32_t sec) {
     return mr_err(status, "sched: loading layer %u expert %d: %s", c->layer, c->expert, msg);
 }
 
-static uint64_t now_ns(void) {
+uint64_t sched_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
@@ -173,9 +173,11 @@ static uint64_t now_ns(void) {
 
 /* Wait for a completion, counting the time as stall. */
 void sched_wait_load(struct sched *s) {
-    uint64_t t0 = now_ns();
+    uint64_t t0 = sched_now_ns();
     pthread_cond_wait(&s->cv, &s->mu);
-    s->stats.stall_ns += now_ns() - t0;
+    const uint64_t dt = sched_now_ns() - t0;
+    s->stats.stall_ns += dt;
+    s->pf.stall_ns += dt;
 }
 
 /* ---- starting loads (mutex NOT held) -------------------------------------------------------- */

@@ -56,6 +56,8 @@ static int check_args(const struct sched_params *p, const struct sched_section *
     if (want != n_sections)
         return mr_err(MOERUN_ERR_INVALID_ARG, "sched: %u sections, expected %llu", n_sections,
                       (unsigned long long)want);
+    if ((unsigned)p->prefetch > SCHED_PREFETCH_AUTO)
+        return mr_err(MOERUN_ERR_INVALID_ARG, "sched: prefetch mode %d", (int)p->prefetch);
     if (!p->region || ((uintptr_t)p->region & (SCHED_ALIGN - 1)))
         return mr_err(MOERUN_ERR_INVALID_ARG, "sched: region %p is not %u-byte aligned", p->region,
                       SCHED_ALIGN);
@@ -204,6 +206,9 @@ void sched_get_stats(const struct sched *s, struct sched_stats *out) {
     struct sched *m = (struct sched *)s; /* the mutex is not part of the logical state */
     pthread_mutex_lock(&m->mu);
     *out = s->stats;
+    out->prefetch_on = s->pf.on;
+    out->layer_compute_ns = (uint64_t)s->pf.compute_ns;
+    out->wrong_load_ns = (uint64_t)s->pf.wrong_ns;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -325,6 +330,8 @@ int sched_create(const struct sched_params *p, const struct sched_section *secti
     s->ahead = ring ? s->n_dslots - 1 : MR_MIN(MR_MAX(p->ring_ahead, 1u), p->n_layer - 1);
     s->pf_cap = p->prefetch_in_flight ? p->prefetch_in_flight : MR_MAX(p->n_expert_used, 1u);
     s->pf_idle = p->prefetch_when_idle;
+    s->pf.on = p->prefetch != SCHED_PREFETCH_OFF;
+    s->pf.last_layer = -1;
     const uint32_t ne = p->n_expert ? p->n_expert : 1;
     s->sections = mr_alloc(NULL, (size_t)n_sections * sizeof(*sections), 0);
     s->st = mr_calloc(NULL, n_sections, sizeof(*s->st));

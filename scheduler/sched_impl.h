@@ -50,6 +50,20 @@ struct issue {
     void *dst;
 };
 
+/* SCHED_PREFETCH_AUTO's state (experts.c): running averages, the newest weighing 1/8. */
+struct pf_auto {
+    bool on;
+    double ns_per_byte; /* cost of loading (sched_set_load_cost); 0 = not known yet */
+    double compute_ns;  /* per layer, stalls excluded */
+    double precision;   /* share of a prediction's top-k that its layer needed */
+    double candidates;  /* experts of a prediction's top-k not resident, loading or queued */
+    double wrong_ns;    /* the latest estimate */
+    uint32_t n_compute, n_precision, n_cand;
+    int64_t last_layer; /* the previous request's layer (-1: none), when, and stall_ns then */
+    uint64_t last_ns, last_stall;
+    uint64_t stall_ns; /* stalled in total (never reset) */
+};
+
 struct sched {
     struct sched_params p;
     struct sched_loader loader;
@@ -90,6 +104,7 @@ struct sched {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct sched_stats stats;
+    struct pf_auto pf;
 };
 
 /* Helpers (mutex held unless said otherwise). */
@@ -102,6 +117,7 @@ void sched_promote(struct sched *s, uint32_t sec);     /* QUEUED -> a demand loa
 void sched_pump(struct sched *s);                      /* start queued prefetches into s->issue */
 int sched_take_failure(struct sched *s, uint32_t sec); /* report once, leave absent */
 void sched_wait_load(struct sched *s);                 /* counts stall time */
+uint64_t sched_now_ns(void);                           /* CLOCK_MONOTONIC */
 void sched_flush_loads(struct sched *s);               /* mutex NOT held */
 void sched_flush_locked(struct sched *s);              /* drop, start, retake */
 

@@ -66,6 +66,12 @@ struct sched_loader {
     void *ctx;
 };
 
+enum sched_prefetch {
+    SCHED_PREFETCH_OFF,  /* predictions are measured and scored, nothing is loaded from them */
+    SCHED_PREFETCH_ON,   /* every prediction's experts are loaded ahead */
+    SCHED_PREFETCH_AUTO, /* loaded ahead while that pays (sched_set_load_cost) */
+};
+
 struct sched_params {
     uint32_t n_layer;
     uint32_t n_expert;
@@ -73,14 +79,14 @@ struct sched_params {
     void *region;           /* host tier memory the slots are carved from */
     uint64_t region_bytes;
     enum sched_policy policy;
-    bool prefetch;               /* act on predictions */
-    uint32_t ring_ahead;         /* dense parts loaded ahead of the one computing; 0 = 1 (a ring
-                                    of 2 slots when they do not all fit; capped by the budget) */
-    uint32_t prefetch_in_flight; /* prefetch loads with the loader at once, at most (the rest
-                                    are queued); 0 = n_expert_used */
-    bool prefetch_when_idle;     /* count demand loads too against prefetch_in_flight: prefetches
-                                    use only the I/O that demand loads leave idle (on a decode
-                                    bound by the disk, wrong predictions then cost no reads) */
+    enum sched_prefetch prefetch; /* act on predictions: never, always, while it pays */
+    uint32_t ring_ahead;          /* dense parts loaded ahead of the one computing; 0 = 1 (a ring
+                                     of 2 slots when they do not all fit; capped by the budget) */
+    uint32_t prefetch_in_flight;  /* prefetch loads with the loader at once, at most (the rest
+                                     are queued); 0 = n_expert_used */
+    bool prefetch_when_idle;      /* count demand loads too against prefetch_in_flight: prefetches
+                                     use only the I/O that demand loads leave idle (on a decode
+                                     bound by the disk, wrong predictions then cost no reads) */
 };
 
 /* The least region_bytes that runs: 2 dense slots when the dense parts do not all fit (or all
@@ -152,6 +158,22 @@ void sched_expert_release(struct sched *s, uint32_t layer, int32_t expert);
  * cancelled. Predictions are also what precision/recall are measured on. */
 void sched_predict(struct sched *s, uint32_t layer, const float *scores);
 
+/* SCHED_PREFETCH_AUTO: prefetch pays when the loads of a prediction's wrong experts take less
+ * time than a layer computes (then they hide under compute; longer, and they delay the loads the
+ * next layer waits for, as every right guess would have been loaded on demand anyway). Per
+ * prediction, from running averages (the newest weighs 1/8):
+ *   wrong_ns = (1 - precision) * (predicted experts not resident) * expert slot bytes
+ *              * ns_per_byte * (1 + reuse)
+ * where reuse is the share of needed experts found cached without a prefetch: a wrong load
+ * also evicts one, missed that often later.
+ * against the compute per layer: the time between the requests of consecutive layers, less the
+ * time stalled on loads. On while wrong_ns < compute (with a 25% band against flapping), and
+ * always on until both are known (4 predictions checked, 4 layer times, a load cost). The
+ * engine measures the cost of loading (ns per byte of the link loads wait on: the disk, or the
+ * copy to the GPU plus the disk for the host tier's misses) and passes it here; values <= 0
+ * are ignored. Compute thread. */
+void sched_set_load_cost(struct sched *s, double ns_per_byte);
+
 /* --- introspection (tests, tools) ----------------------------------------------------------- */
 
 enum sched_state {
@@ -192,6 +214,10 @@ struct sched_stats {
     uint64_t needed;             /* experts needed by layers that had a prediction */
     uint64_t stall_ns;           /* time the compute thread waited for loads */
     uint64_t prefetch_cancelled; /* queued prefetches dropped before their load started */
+    uint64_t prefetch_skipped;   /* predictions SCHED_PREFETCH_AUTO did not act on */
+    bool prefetch_on;            /* AUTO's decision now (ON: true, OFF: false) */
+    uint64_t layer_compute_ns;   /* AUTO's estimates now (kept across resets): compute per */
+    uint64_t wrong_load_ns;      /* layer, and load time of a prediction's wrong experts */
     uint64_t *layer_hits;        /* [n_layer] expert hits per layer, owned by the scheduler */
     uint64_t *layer_misses;      /* [n_layer] expert misses per layer */
 };

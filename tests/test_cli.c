@@ -543,6 +543,9 @@ static void test_errors(void **state) {
     rc = run("-m %s -n -2", model_path);
     assert_int_equal(rc, 2);
     expect_error(rc, "-n");
+    rc = run("-m %s --prefetch sometimes", model_path);
+    assert_int_equal(rc, 2);
+    expect_error(rc, "--prefetch is auto, on or off");
     rc = run("-m %s --tokens 1,,2", model_path);
     assert_int_equal(rc, 2);
     expect_error(rc, "--tokens");

@@ -1,8 +1,8 @@
 /* The GPU path end to end: weights through NVMe -> pinned host -> GPU tier, on the device named
  * by MOERUN_TEST_DEVICE (sim, the default: the CPU computing as a GPU, so this runs in CI; or
  * cuda: exits 77 without a device). Offloading never changes results: logits are bit-identical
- * for every GPU and host budget down to the minimum, every policy, prefetch on or off, and any
- * batch split; on sim they are also bit-identical to the CPU's (same ops), on cuda within the
+ * for every GPU and host budget down to the minimum, every policy, prefetch on, off or auto, and
+ * any batch split; on sim they are also bit-identical to the CPU's (same ops), on cuda within the
  * golden tolerances. A failed upload fails that call and the session goes on. */
 #include "testutil.h"
 
@@ -164,7 +164,8 @@ static void check_invariant(const char *path, const char *what, double tol_vs_cp
     int runs = 0;
     for (size_t b = 0; b < 3; b++)
         for (int policy = MOERUN_POLICY_LRU; policy <= MOERUN_POLICY_PREDICTED; policy++)
-            for (int prefetch = 0; prefetch <= 1; prefetch++, runs++) {
+            for (int prefetch = MOERUN_PREFETCH_OFF; prefetch <= MOERUN_PREFETCH_AUTO;
+                 prefetch++, runs++) {
                 c.gpu_bytes = budgets[b];
                 c.host_bytes = runs % 2 ? host_lo : 0;
                 c.policy = policy;

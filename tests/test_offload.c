@@ -1,6 +1,6 @@
 /* Offloading end to end: logits are bit-identical between a fully resident run and runs
- * through the tiers at any budget down to the minimum, for every policy, with prefetch on and
- * off; a failed read fails the call and leaves the model usable; a model larger than the
+ * through the tiers at any budget down to the minimum, for every policy, with prefetch on, off
+ * and auto; a failed read fails the call and leaves the model usable; a model larger than the
  * process's address-space limit runs within its budget. */
 #include "testutil.h"
 
@@ -122,11 +122,13 @@ static void check_invariant(const char *path, const char *what) {
     int rc_bad;
     assert_null(run(path, lo, 7, 1, 0, &nv_bad, &rc_bad)); /* an unknown policy */
     assert_int_equal(rc_bad, MOERUN_ERR_INVALID_ARG);
+    assert_null(run(path, lo, MOERUN_POLICY_LRU, 3, 0, &nv_bad, &rc_bad)); /* a prefetch mode */
+    assert_int_equal(rc_bad, MOERUN_ERR_INVALID_ARG);
     const uint64_t budgets[] = {lo, lo + lo / 3, 4 * lo, 64ull << 20};
     int runs = 0;
     for (size_t b = 0; b < sizeof(budgets) / sizeof(budgets[0]); b++) {
         for (int policy = MOERUN_POLICY_LRU; policy <= MOERUN_POLICY_PREDICTED; policy++) {
-            for (int prefetch = 0; prefetch <= 1; prefetch++) {
+            for (int prefetch = MOERUN_PREFETCH_OFF; prefetch <= MOERUN_PREFETCH_AUTO; prefetch++) {
                 uint32_t nv2;
                 int rc;
                 const uint32_t n_batch = (uint32_t)(runs % 3 == 0 ? 4 : 0);

@@ -12,7 +12,8 @@
 #
 # usage: tools/bench-gpu.sh [DIR]
 #   BUILD (default build), RUNS (default 3), N_GEN (default 32), THREADS (default 8),
-#   POLICIES (default "lru lfu predicted"), GPU_MEM (default: a third of the model's bytes)
+#   POLICIES (default "lru lfu predicted"), PREFETCH (default "auto on off": --prefetch modes),
+#   GPU_MEM (default: a third of the model's bytes)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,16 +74,16 @@ awk -v tps="$t_res" -v a="$active" -v bw="$dev_read" 'BEGIN {
 printf '%-16s %7s %8s %9s %6s %9s %7s %8s %8s %6s\n' "--gpu-mem $((gpu_mem >> 20))M" tok/s ms/tok \
     "copy MB/t" hit% "copy GB/s" "of pin" "compute" "copy ms" t/max
 for pol in $policies; do
-    for pf in "" --no-prefetch; do
+    for pf in ${PREFETCH:-auto on off}; do
         t=() cpt=() hit=() gbps=()
         for ((r = 0; r < runs; r++)); do
-            j=$(one --gpu-mem "$gpu_mem" --policy "$pol" $pf)
+            j=$(one --gpu-mem "$gpu_mem" --policy "$pol" --prefetch "$pf")
             t+=("$(jstat gen_tps "$j")")
             cpt+=("$(jstat copy_bytes_per_token "$j")")
             hit+=("$(jstat hit_rate "$j")")
             gbps+=("$(jstat copy_gbps "$j")")
         done
-        awk -v name="$pol${pf:+ nopf}" -v tps="$(median "${t[@]}")" -v cpt="$(median "${cpt[@]}")" \
+        awk -v name="$pol $pf" -v tps="$(median "${t[@]}")" -v cpt="$(median "${cpt[@]}")" \
             -v hit="$(median "${hit[@]}")" -v g="$(median "${gbps[@]}")" -v pin="$pinned" \
             -v tres="$t_res" 'BEGIN {
                 ms = 1000 / tps; comp = 1000 / tres; copy = cpt / (pin * 1e6)

@@ -19,7 +19,8 @@
 #
 # usage: tools/bench-offload.sh [DIR]     (needs root for the page cache and the cgroup)
 #   MOE_RUN, MOE_SYNTH  binaries (default build/check/tools/...)
-#   HOST_MEM (1G)  SLACK (256M)  N_GEN (24)  RUNS (3)  THREADS (2)  POLICIES ("lru predicted")
+#   HOST_MEM (1G)  SLACK (256M)  N_GEN (24)  RUNS (3)  THREADS (2)  POLICIES ("lru lfu predicted")
+#   PREFETCH ("auto on off": the --prefetch modes)  MMAP (1; 0 skips the mmap runs)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +33,8 @@ n_gen=${N_GEN:-24}
 runs=${RUNS:-3}
 threads=${THREADS:-2}
 policies=${POLICIES:-lru lfu predicted}
+prefetch_modes=${PREFETCH:-auto on off}
+with_mmap=${MMAP:-1}
 
 bytes_of() { numfmt --from=iec "$1"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
@@ -116,10 +119,10 @@ printf '%-18s %8.2f %9.1f %10s %7s %6s %6s %8s %7s %8s %7s\n' resident "$(median
     "$t_res" - - - - - - - -
 
 for pol in $policies; do
-    for pf in "" --no-prefetch; do
+    for pf in $prefetch_modes; do
         tps=() bpt=() hit=() prec=() rec=() gbps=()
         for ((r = 0; r < runs; r++)); do
-            j=$(one 1 --host-mem "$host_mem" --policy "$pol" $pf)
+            j=$(one 1 --host-mem "$host_mem" --policy "$pol" --prefetch "$pf")
             tps+=("$(jstat gen_tps "$j")")
             bpt+=("$(jstat bytes_per_token "$j")")
             hit+=("$(jstat hit_rate "$j")")
@@ -128,7 +131,7 @@ for pol in $policies; do
             gbps+=("$(jstat read_gbps "$j")")
         done
         m_tps=$(median "${tps[@]}") m_bpt=$(median "${bpt[@]}")
-        awk -v name="tiers $pol${pf:+ nopf}" -v tps="$m_tps" -v bpt="$m_bpt" \
+        awk -v name="tiers $pol $pf" -v tps="$m_tps" -v bpt="$m_bpt" \
             -v hit="$(median "${hit[@]}")" -v prec="$(median "${prec[@]}")" \
             -v rec="$(median "${rec[@]}")" -v gbps="$(median "${gbps[@]}")" -v fio="$fio_gbps" \
             -v tres="$t_res" 'BEGIN {
@@ -140,10 +143,12 @@ for pol in $policies; do
 done
 
 mm_tps=()
-for ((r = 0; r < runs; r++)); do
+for ((r = 0; r < runs * with_mmap; r++)); do
     mm_tps+=("$(jstat gen_tps "$(one 1 --mmap)")")
 done
-printf '%-18s %8.2f %9.1f %10s %7s %6s %6s %8s %7s %8s %7s\n' "mmap (same memory)" \
-    "$(median "${mm_tps[@]}")" "$(awk -v t="$(median "${mm_tps[@]}")" 'BEGIN { printf "%.1f", (t > 0 ? 1000 / t : 0) }')" \
-    - - - - - - - -
+if ((with_mmap)); then
+    printf '%-18s %8.2f %9.1f %10s %7s %6s %6s %8s %7s %8s %7s\n' "mmap (same memory)" \
+        "$(median "${mm_tps[@]}")" "$(awk -v t="$(median "${mm_tps[@]}")" 'BEGIN { printf "%.1f", (t > 0 ? 1000 / t : 0) }')" \
+        - - - - - - - -
+fi
 echo "(medians of $runs runs; $n_gen tokens decoded after a 16-token prompt; -t $threads; read = bytes / time with reads in flight, GB/s; bound = max(resident ms/token, bytes per token / fio), ms)"

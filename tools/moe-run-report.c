@@ -237,7 +237,8 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
                 "\"hit_rate\":%.4f,\"dense_hits\":%llu,\"dense_misses\":%llu,"
                 "\"prefetch_issued\":%llu,\"prefetch_used\":%llu,\"prefetch_cancelled\":%llu,"
                 "\"predicted\":%llu,\"prediction_precision\":%.4f,\"prediction_recall\":%.4f,"
-                "\"stall_ms\":%.3f,"
+                "\"prefetch_skipped\":%llu,\"prefetch_on\":%s,\"layer_compute_ms\":%.3f,"
+                "\"wrong_load_ms\":%.3f,\"stall_ms\":%.3f,"
                 "\"read_busy_ms\":%.3f,\"read_gbps\":%.3f,\"layer_hits\":[",
                 (unsigned long long)st->host_bytes, st->slots_dense, st->slots_expert,
                 st->direct_io ? "true" : "false", (unsigned long long)prompt_bytes,
@@ -246,7 +247,9 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
                 (unsigned long long)st->dense_hits, (unsigned long long)st->dense_misses,
                 (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
                 (unsigned long long)st->prefetch_cancelled, (unsigned long long)st->predicted,
-                st->prediction_precision, st->prediction_recall, st->stall_ns / 1e6, busy_ms,
+                st->prediction_precision, st->prediction_recall,
+                (unsigned long long)st->prefetch_skipped, st->prefetch_on ? "true" : "false",
+                st->layer_compute_ns / 1e6, st->wrong_load_ns / 1e6, st->stall_ns / 1e6, busy_ms,
                 st->read_gbps);
         for (uint32_t l = 0; l < st->n_layer; l++)
             fprintf(f, "%s%llu", l ? "," : "", (unsigned long long)st->layer_hits[l]);
@@ -292,17 +295,24 @@ void print_tier_stats(FILE *f, int json, const moerun_stats *st, uint64_t prompt
             st->read_gbps, busy_ms, gen_ms, (unsigned long long)st->expert_hits,
             (unsigned long long)st->expert_misses, 100.0 * hit, (unsigned long long)st->dense_hits,
             (unsigned long long)st->dense_misses);
-    if (st->predicted)
+    if (st->predicted) {
         fprintf(f,
                 "moe-run: prediction precision %.1f%%, recall %.1f%%; prefetched %llu, used %llu, "
                 "cancelled %llu; stalled %.1f ms\n",
                 100.0 * st->prediction_precision, 100.0 * st->prediction_recall,
                 (unsigned long long)st->prefetch_issued, (unsigned long long)st->prefetch_used,
                 (unsigned long long)st->prefetch_cancelled, st->stall_ns / 1e6);
-    else
+        if (st->wrong_load_ns || st->prefetch_skipped) /* prefetch auto, past its warm-up */
+            fprintf(f,
+                    "moe-run: prefetch auto: %s now, %llu predictions not acted on; a layer "
+                    "computes in %.2f ms, a prediction's wrong experts load in %.2f ms\n",
+                    st->prefetch_on ? "on" : "off", (unsigned long long)st->prefetch_skipped,
+                    st->layer_compute_ns / 1e6, st->wrong_load_ns / 1e6);
+    } else {
         fprintf(f,
                 "moe-run: no predictions (every section has a slot of its own); stalled %.1f ms\n",
                 st->stall_ns / 1e6);
+    }
     fprintf(f, "moe-run: per layer hits/misses:");
     for (uint32_t l = 0; l < st->n_layer; l++)
         fprintf(f, " %llu/%llu", (unsigned long long)st->layer_hits[l],

@@ -45,7 +45,7 @@ struct options {
     int device_set;             /* --device given */
     int gpu_index;              /* --gpu N */
     int policy;                 /* --policy */
-    int prefetch;               /* 0 with --no-prefetch */
+    int prefetch;               /* --prefetch (moerun_prefetch); --no-prefetch: off */
     int prefetch_layers;        /* --prefetch-layers */
     int direct_io;              /* 0 with --no-direct-io */
     int use_mmap;               /* --mmap */
@@ -82,7 +82,9 @@ static void usage(FILE *f) {
            "                          automatic) -> GPU; 0 = the free memory less 1 GiB\n"
            "  --gpu N                 which CUDA device (default 0)\n"
            "  --policy P              expert eviction: lru, lfu or predicted (default lru)\n"
-           "  --no-prefetch           load experts only when needed (no prediction-driven loads)\n"
+           "  --prefetch MODE         load predicted experts ahead: auto (while it pays,\n"
+           "                          default), on or off\n"
+           "  --no-prefetch           --prefetch off: load experts only when needed\n"
            "  --prefetch-layers N     layers predicted ahead (default 1)\n"
            "  --no-direct-io          buffered reads instead of O_DIRECT\n"
            "  --mmap                  map the file and compute from the page cache (no tiers;\n"
@@ -210,6 +212,20 @@ static int parse_policy(const char *s, int *out) {
     return 0;
 }
 
+static int parse_prefetch(const char *s, int *out) {
+    if (!strcmp(s, "auto"))
+        *out = MOERUN_PREFETCH_AUTO;
+    else if (!strcmp(s, "on"))
+        *out = MOERUN_PREFETCH_ON;
+    else if (!strcmp(s, "off"))
+        *out = MOERUN_PREFETCH_OFF;
+    else {
+        fprintf(stderr, "moe-run: --prefetch is auto, on or off, got '%s'\n", s);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_device(const char *s, int *out) {
     static const char *const names[] = {"cpu", "cuda", "sim"};
     for (int i = 0; i < 3; i++)
@@ -254,7 +270,7 @@ static int parse_args(int argc, char **argv, struct options *o) {
             o->parse_special = 1;
             takes_value = 0;
         } else if (!strcmp(a, "--no-prefetch")) {
-            o->prefetch = 0;
+            o->prefetch = MOERUN_PREFETCH_OFF;
             takes_value = 0;
         } else if (!strcmp(a, "--no-direct-io")) {
             o->direct_io = 0;
@@ -274,9 +290,9 @@ static int parse_args(int argc, char **argv, struct options *o) {
                 !strcmp(a, "--temp") || !strcmp(a, "--top-k") || !strcmp(a, "--top-p") ||
                 !strcmp(a, "--min-p") || !strcmp(a, "--repeat-penalty") ||
                 !strcmp(a, "--repeat-last-n") || !strcmp(a, "--host-mem") ||
-                !strcmp(a, "--policy") || !strcmp(a, "--prefetch-layers") ||
-                !strcmp(a, "--trace-out") || !strcmp(a, "--device") || !strcmp(a, "--gpu-mem") ||
-                !strcmp(a, "--gpu"))
+                !strcmp(a, "--policy") || !strcmp(a, "--prefetch") ||
+                !strcmp(a, "--prefetch-layers") || !strcmp(a, "--trace-out") ||
+                !strcmp(a, "--device") || !strcmp(a, "--gpu-mem") || !strcmp(a, "--gpu"))
                 fprintf(stderr, "moe-run: %s needs a value\n", a);
             else
                 fprintf(stderr, "moe-run: unknown option '%s' (see moe-run --help)\n", a);
@@ -326,6 +342,8 @@ static int parse_args(int argc, char **argv, struct options *o) {
             rc = parse_int(a, val, 0, 1024, &o->gpu_index);
         } else if (!strcmp(a, "--policy")) {
             rc = parse_policy(val, &o->policy);
+        } else if (!strcmp(a, "--prefetch")) {
+            rc = parse_prefetch(val, &o->prefetch);
         } else if (!strcmp(a, "--prefetch-layers")) {
             rc = parse_int(a, val, 1, 64, &o->prefetch_layers);
         } else if (!strcmp(a, "--trace-out")) {
@@ -719,7 +737,8 @@ out:
 }
 
 int main(int argc, char **argv) {
-    struct options o = {.n_predict = 64, .prefetch = 1, .prefetch_layers = 1, .direct_io = 1};
+    struct options o = {
+        .n_predict = 64, .prefetch = MOERUN_PREFETCH_AUTO, .prefetch_layers = 1, .direct_io = 1};
     moerun_sampler_params_init(&o.samp);
     int rc = parse_args(argc, argv, &o);
     if (rc != 0)

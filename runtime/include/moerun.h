@@ -146,8 +146,9 @@ typedef struct moerun_model_params {
                                           the file and move through slots of this much memory;
                                           below the minimum, open fails saying the minimum */
     int policy;                        /* moerun_policy for the expert slots; MOERUN_POLICY_LRU */
-    int prefetch;                      /* 1 = load predicted experts ahead (default), 0 = only
-                                          on demand */
+    int prefetch;                      /* moerun_prefetch: load predicted experts ahead
+                                          while it pays (MOERUN_PREFETCH_AUTO, default),
+                                          always, or never (only on demand) */
     int prefetch_layers;               /* layers predicted ahead; 0 = 1 */
     int direct_io;                     /* 1 = O_DIRECT reads (default; buffered where refused) */
     int use_mmap;                      /* 1 = map the file and compute from the page cache, as
@@ -183,6 +184,16 @@ typedef enum moerun_policy {
     MOERUN_POLICY_LFU = 1,       /* least frequently used */
     MOERUN_POLICY_PREDICTED = 2, /* lowest predicted use by the router's prediction, then LRU */
 } moerun_policy;
+
+/* Prefetch of predicted experts. AUTO turns it off while the loads of wrong predictions would
+ * take longer than a layer computes (they then delay the loads the next layer waits for) and
+ * on again when they would not, from measured precision, compute time and load speed
+ * (README, "Tiers"). */
+typedef enum moerun_prefetch {
+    MOERUN_PREFETCH_OFF = 0,  /* load experts only when a layer needs them */
+    MOERUN_PREFETCH_ON = 1,   /* load every prediction's experts ahead */
+    MOERUN_PREFETCH_AUTO = 2, /* load ahead while that pays */
+} moerun_prefetch;
 
 /* Fill p with defaults. Returns nothing. Thread-safe. */
 MOERUN_API void moerun_model_params_init(moerun_model_params *p);
@@ -391,6 +402,11 @@ typedef struct moerun_stats {
     uint64_t host_misses;      /* GPU loads read from the file first */
     uint64_t predicted;        /* experts predicted (0: no predictions were made, as when every
                                   section has a slot of its own) */
+    /* MOERUN_PREFETCH_AUTO: */
+    uint64_t prefetch_skipped; /* predictions not acted on (prefetch did not pay) */
+    int prefetch_on;           /* 1 when predictions are acted on now */
+    uint64_t layer_compute_ns; /* its estimates now: compute per layer (stalls excluded), */
+    uint64_t wrong_load_ns;    /* and load time of a prediction's wrong experts */
 } moerun_stats;
 
 /* A snapshot of the model's tier statistics. Returns MOERUN_OK or MOERUN_ERR_INVALID_ARG.
