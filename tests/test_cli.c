@@ -545,7 +545,7 @@ static void test_errors(void **state) {
     expect_error(rc, "-n");
     rc = run("-m %s --prefetch sometimes", model_path);
     assert_int_equal(rc, 2);
-    expect_error(rc, "--prefetch is auto, on or off");
+    expect_error(rc, "--prefetch is off, on or auto");
     rc = run("-m %s --tokens 1,,2", model_path);
     assert_int_equal(rc, 2);
     expect_error(rc, "--tokens");

@@ -198,44 +198,25 @@ static int parse_size(const char *flag, const char *s, uint64_t *out) {
     return 0;
 }
 
-static int parse_policy(const char *s, int *out) {
-    if (!strcmp(s, "lru"))
-        *out = MOERUN_POLICY_LRU;
-    else if (!strcmp(s, "lfu"))
-        *out = MOERUN_POLICY_LFU;
-    else if (!strcmp(s, "predicted"))
-        *out = MOERUN_POLICY_PREDICTED;
-    else {
-        fprintf(stderr, "moe-run: --policy is lru, lfu or predicted, got '%s'\n", s);
-        return -1;
-    }
-    return 0;
-}
-
-static int parse_prefetch(const char *s, int *out) {
-    if (!strcmp(s, "auto"))
-        *out = MOERUN_PREFETCH_AUTO;
-    else if (!strcmp(s, "on"))
-        *out = MOERUN_PREFETCH_ON;
-    else if (!strcmp(s, "off"))
-        *out = MOERUN_PREFETCH_OFF;
-    else {
-        fprintf(stderr, "moe-run: --prefetch is auto, on or off, got '%s'\n", s);
-        return -1;
-    }
-    return 0;
-}
-
-static int parse_device(const char *s, int *out) {
-    static const char *const names[] = {"cpu", "cuda", "sim"};
-    for (int i = 0; i < 3; i++)
-        if (!strcmp(s, names[i])) {
-            *out = i; /* moerun_device */
+/* A flag whose value is one of names[], NULL-terminated: *out = its index (the enum value). */
+static int parse_choice(const char *flag, const char *s, const char *const names[], int *out) {
+    int n = 0;
+    for (; names[n]; n++)
+        if (!strcmp(s, names[n])) {
+            *out = n;
             return 0;
         }
-    fprintf(stderr, "moe-run: --device is cpu, cuda or sim, got '%s'\n", s);
+    fprintf(stderr, "moe-run: %s is ", flag);
+    for (int i = 0; i < n; i++)
+        fprintf(stderr, "%s%s", i == 0 ? "" : i == n - 1 ? " or " : ", ", names[i]);
+    fprintf(stderr, ", got '%s'\n", s);
     return -1;
 }
+
+/* in the order of their enums: moerun_policy, moerun_prefetch, moerun_device */
+static const char *const policy_names[] = {"lru", "lfu", "predicted", NULL};
+static const char *const prefetch_names[] = {"off", "on", "auto", NULL};
+static const char *const device_names[] = {"cpu", "cuda", "sim", NULL};
 
 static int flag_is(const char *a, const char *short_name, const char *long_name) {
     return (short_name && !strcmp(a, short_name)) || !strcmp(a, long_name);
@@ -336,14 +317,14 @@ static int parse_args(int argc, char **argv, struct options *o) {
             rc = strcmp(val, "0") ? parse_size(a, val, &o->gpu_mem) : 0;
             o->device = o->device_set ? o->device : MOERUN_DEVICE_CUDA;
         } else if (!strcmp(a, "--device")) {
-            rc = parse_device(val, &o->device);
+            rc = parse_choice(a, val, device_names, &o->device);
             o->device_set = 1;
         } else if (!strcmp(a, "--gpu")) {
             rc = parse_int(a, val, 0, 1024, &o->gpu_index);
         } else if (!strcmp(a, "--policy")) {
-            rc = parse_policy(val, &o->policy);
+            rc = parse_choice(a, val, policy_names, &o->policy);
         } else if (!strcmp(a, "--prefetch")) {
-            rc = parse_prefetch(val, &o->prefetch);
+            rc = parse_choice(a, val, prefetch_names, &o->prefetch);
         } else if (!strcmp(a, "--prefetch-layers")) {
             rc = parse_int(a, val, 1, 64, &o->prefetch_layers);
         } else if (!strcmp(a, "--trace-out")) {
