@@ -379,12 +379,18 @@ struct synth_case {
  * README reports the same for llama.cpp under 1e-6 input noise: up to 2.6e-2 for Q4_K). So
  * each case is held to QUANT_TOL, and at least one quantized case of a run (all five flipping:
  * ~1e-4) must agree within QUANT_TIGHT, which a wrong rounding or a wrong companion type would
- * not. */
-#define ROUTE_TRIES 6
-#define GAP_F32     1e-4
-#define GAP_QUANT   0.1
-#define QUANT_TOL   5e-2
-#define QUANT_TIGHT 1e-5
+ * not.
+ *
+ * CUDA rounds no activation to Q8 (its matvecs keep x in F32; a prompt's GEMM stages x as F16),
+ * so on CUDA the reference is the unrounded one, each case held to CUDA_QUANT_TOL (F16 staging:
+ * about 7e-4 seen under a CPU emulation of the kernels), and the tight criterion is the
+ * CPU's. */
+#define ROUTE_TRIES    6
+#define GAP_F32        1e-4
+#define GAP_QUANT      0.1
+#define QUANT_TOL      5e-2
+#define QUANT_TIGHT    1e-5
+#define CUDA_QUANT_TOL 3e-3
 
 static void test_synth_vs_ref(void **state) {
     (void)state;
@@ -424,7 +430,10 @@ static void test_synth_vs_ref(void **state) {
         p.n_ff_shared = c->f_sh;
         char *path = write_synth(&p);
         const bool f32 = c->type == MOERUN_TYPE_F32;
-        const double want_gap = f32 ? GAP_F32 : GAP_QUANT, tol = f32 ? 1e-4 : QUANT_TOL;
+        const bool cuda = test_device == MOERUN_DEVICE_CUDA;
+        const int round_acts = !f32 && !cuda;
+        const double want_gap = f32 ? GAP_F32 : GAP_QUANT;
+        const double tol = f32 ? 1e-4 : cuda ? CUDA_QUANT_TOL : QUANT_TOL;
         const size_t nv = p.n_vocab;
         double *ref = malloc(MAX_TOKENS * nv * sizeof(double));
         double *try_ref = malloc(MAX_TOKENS * nv * sizeof(double));
@@ -440,7 +449,8 @@ static void test_synth_vs_ref(void **state) {
             const size_t try_n = 10 + tu_rng_u64(&rng) % 11;
             double try_gap = 0;
             random_tokens(&rng, try_tokens, try_n, p.n_vocab);
-            assert_int_equal(ref_forward_gap(path, try_tokens, try_n, !f32, try_ref, &try_gap), 0);
+            assert_int_equal(
+                ref_forward_gap(path, try_tokens, try_n, round_acts, try_ref, &try_gap), 0);
             if (try_gap > gap) {
                 gap = try_gap;
                 n = try_n;
@@ -453,13 +463,14 @@ static void test_synth_vs_ref(void **state) {
         moerun_session *s = open_session(m, 64, 0);
         decode_chunks(s, tokens, n, NULL, out, nv);
         const double err = max_err_fd(out, ref, n, nv);
-        n_quant += !f32;
-        n_tight += !f32 && err <= QUANT_TIGHT;
+        n_quant += !f32 && !cuda;
+        n_tight += !f32 && !cuda && err <= QUANT_TIGHT;
         fprintf(stderr,
                 "%-8s %-4s d %3u H %2u/%u hd %2u E %2u k %u, %2zu tokens: max err vs "
                 "ref_forward(round_acts=%d) %.2e (router gap %.1e)\n",
                 c->arch, moerun_type_name(c->type), c->d, c->n_head, c->n_kv,
-                c->head_dim ? c->head_dim : c->d / c->n_head, c->n_exp, c->k, n, !f32, err, gap);
+                c->head_dim ? c->head_dim : c->d / c->n_head, c->n_exp, c->k, n, round_acts, err,
+                gap);
         if (!(err <= tol) && gap < want_gap) {
             fprintf(stderr, "  routing within %.1e of a tie: not held to %.0e\n", gap, tol);
         } else if (!(err <= tol)) {
@@ -478,7 +489,7 @@ static void test_synth_vs_ref(void **state) {
     }
     fprintf(stderr, "quantized cases within %.0e of the reference: %d of %d\n", QUANT_TIGHT,
             n_tight, n_quant);
-    assert_true(n_tight >= 1);
+    assert_true(n_tight >= 1 || n_quant == 0);
 }
 
 /* --- d. bad input --------------------------------------------------------------------------- */
