@@ -1,8 +1,8 @@
-/* The CUDA backend tests' shared setup and helpers (test_cuda_backend, test_cuda_streams): the
- * device check that makes them skip, the backends they run on (a CUDA backend, a clone of it with
- * a workspace as a session has, and the CPU backend with a workspace to compare with), and backend
- * memory filled from the host, poisoned with NaN, or read back. Errors fail the running test
- * (CMocka asserts). */
+/* The CUDA backend tests' shared setup and helpers (test_cuda_backend, test_cuda_streams;
+ * test_cuda_ops uses the device check): the device check that makes them skip, the backends they
+ * run on (a CUDA backend, a clone of it with a workspace as a session has, and the CPU backend with
+ * a workspace to compare with), and backend memory filled from the host, poisoned with NaN, or read
+ * back. Errors fail the running test (CMocka asserts). */
 #ifndef MOERUN_CUDA_TEST_UTIL_H
 #define MOERUN_CUDA_TEST_UTIL_H
 

@@ -5,6 +5,8 @@
  * Exits 77 (skip) where there is no CUDA device. */
 #include "testutil.h"
 
+#include "cuda_test_util.h"
+
 #include "backend.h"
 #include "cpu/quants.h"
 #include "cuda_backend.h"
@@ -717,18 +719,8 @@ static void test_kernel_fault_is_a_status(void **state) {
 }
 
 int main(void) {
-    int n = 0;
-    int rc = cuda_device_count(&n);
-    if (rc != MOERUN_OK || n == 0) {
-        if (rc == MOERUN_OK) { /* the backend's message names the driver and runtime versions */
-            const struct mr_backend_config cfg = {.kind = MR_BACKEND_CUDA};
-            struct mr_backend *be = NULL;
-            if (mr_backend_cuda_create(&cfg, &be) == MOERUN_OK) /* cannot happen with no device */
-                be->ops->destroy(be);
-        }
-        fprintf(stderr, "no CUDA device: skipping (%s)\n", moerun_errmsg());
+    if (!ctu_device_present())
         return TU_SKIP;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matvec_every_type),
         cmocka_unit_test(test_dequant_f16),
