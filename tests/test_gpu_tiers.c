@@ -3,14 +3,17 @@
  * cuda: exits 77 without a device). Offloading never changes results: logits are bit-identical
  * for every GPU and host budget down to the minimum, every policy, prefetch on, off or auto, and
  * any batch split (on cuda: per batch size, as its products' kernels depend on the columns in
- * the call); on sim they are also bit-identical to the CPU's (same ops), on cuda within the
- * golden tolerances. A failed upload fails that call and the session goes on. */
+ * the call); on sim they are also bit-identical to the CPU's (same ops). Besides: the golden
+ * cases match the CPU's logits within the golden tolerances, and the synthetic ones the float64
+ * reference (ref_forward.c) as test_forward holds them. A failed upload fails that call and the
+ * session goes on. */
 #include "testutil.h"
 
 #include "device.h"
 #include "model.h"
 #include "moerun.h"
 #include "offload_impl.h"
+#include "ref_forward.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -61,9 +64,11 @@ static void prompt_of(int32_t *prompt, uint32_t nv) {
         prompt[i] = (int32_t)((i * 37 + 11) % nv);
 }
 
-/* Prompt logits [N_PROMPT][n_vocab] then N_STEPS greedy steps' logits; NULL when the model does
- * not open (*rc_out says why). */
-static float *run(const char *path, const struct cfg *c, uint32_t *n_vocab, int *rc_out) {
+/* Prompt logits [N_PROMPT][n_vocab] then N_STEPS greedy steps' logits, the tokens they follow
+ * into tokens[N_PROMPT + N_STEPS] when not NULL; NULL when the model does not open (*rc_out says
+ * why). */
+static float *run_tokens(const char *path, const struct cfg *c, uint32_t *n_vocab, int *rc_out,
+                         int32_t *tokens) {
     moerun_model *m = NULL;
     int rc = open_model(path, c, &m);
     if (rc_out)
@@ -99,7 +104,11 @@ static float *run(const char *path, const struct cfg *c, uint32_t *n_vocab, int 
                 best = (int32_t)j;
         assert_int_equal(moerun_session_decode(s, &best, 1, out + (N_PROMPT + step) * nv, 0),
                          MOERUN_OK);
+        if (tokens)
+            tokens[N_PROMPT + step] = best;
     }
+    if (tokens)
+        memcpy(tokens, prompt, sizeof(prompt));
     if (tiered) {
         assert_int_equal(moerun_model_get_stats(m, &st), MOERUN_OK);
         assert_int_equal(st.expert_hits + st.expert_misses,
@@ -110,6 +119,10 @@ static float *run(const char *path, const struct cfg *c, uint32_t *n_vocab, int 
     return out;
 }
 
+static float *run(const char *path, const struct cfg *c, uint32_t *n_vocab, int *rc_out) {
+    return run_tokens(path, c, n_vocab, rc_out, NULL);
+}
+
 /* The minimum a budget error names after `after`. */
 static uint64_t named_minimum(const char *after) {
     const char *at = strstr(moerun_errmsg(), after);
@@ -118,22 +131,60 @@ static uint64_t named_minimum(const char *after) {
     return strtoull(at + strlen(after), NULL, 10);
 }
 
-static double max_rel_err(const float *a, const float *b, size_t rows, size_t n) {
+/* max over rows of ||a - b|| / ||b|| (NaN when a row has one) */
+static double max_rel_err(const float *a, const double *b, size_t rows, size_t n) {
     double worst = 0;
     for (size_t r = 0; r < rows; r++) {
-        double num = 0, den = 0;
-        for (size_t i = 0; i < n; i++) {
-            const double d = (double)a[r * n + i] - b[r * n + i];
-            num += d * d;
-            den += (double)b[r * n + i] * b[r * n + i];
-        }
-        const double e = sqrt(num / (den > 0 ? den : 1));
-        worst = e > worst ? e : worst;
+        const double e = tu_rel_l2(a + r * n, b + r * n, n);
+        worst = e > worst || isnan(e) ? e : worst;
     }
     return worst;
 }
 
-static void check_invariant(const char *path, const char *what, double tol_vs_cpu) {
+static double max_rel_err_ff(const float *a, const float *b, size_t rows, size_t n) {
+    double *bd = malloc(rows * n * sizeof(double));
+    assert_non_null(bd);
+    for (size_t i = 0; i < rows * n; i++)
+        bd[i] = b[i];
+    const double e = max_rel_err(a, bd, rows, n);
+    free(bd);
+    return e;
+}
+
+/* A synthetic case's all-on-GPU logits against the float64 reference on the tokens they
+ * follow, rounded as the device rounds (sim as the CPU, cuda not at all; ref_forward.h), held to
+ * test_forward's bounds; a routing nearer a tie than its gap that misses is reported, not
+ * failed (test_forward chooses prompts away from ties: accuracy is its subject, the tiers are
+ * this one's). */
+static void check_vs_reference(const char *path, const char *what, int type, const int32_t *tokens,
+                               const float *out, size_t nv) {
+    const size_t n = N_PROMPT + N_STEPS;
+    const int f32 = type == MOERUN_TYPE_F32, cuda = device == MOERUN_DEVICE_CUDA;
+    const double tol = f32 ? REF_F32_TOL : cuda ? REF_CUDA_QUANT_TOL : REF_QUANT_TOL;
+    const double want_gap = f32 ? REF_GAP_F32 : REF_GAP_QUANT;
+    double *ref = malloc(n * nv * sizeof(double)), gap = 0;
+    assert_non_null(ref);
+    assert_int_equal(ref_n_vocab(path), nv);
+    assert_int_equal(ref_forward_gap(path, tokens, n, !f32 && !cuda, ref, &gap), 0);
+    const double err = max_rel_err(out, ref, n, nv);
+    fprintf(stderr, "%s: %.2e from the float64 reference (router gap %.1e)\n", what, err, gap);
+    if (!(err <= tol) && gap < want_gap)
+        fprintf(stderr, "  routing within %.1e of a tie: not held to %.0e\n", gap, tol);
+    else if (!(err <= tol))
+        fail_msg("%s: the GPU's logits are %.3e from the reference (tolerance %.0e)", what, err,
+                 tol);
+    free(ref);
+}
+
+/* What a case's all-on-GPU logits are held to besides the tiers' invariant: on sim, the CPU's
+ * bit for bit; on cuda, the CPU's within cpu_tol (golden cases); and the float64 reference for
+ * a synthetic case of weight type synth_type (-1: none). */
+struct held_to {
+    double cpu_tol;
+    int synth_type;
+};
+
+static void check_invariant(const char *path, const char *what, struct held_to h) {
     uint32_t nv = 0;
     int rc;
     const struct cfg cpu = {MOERUN_DEVICE_CPU, 0, 0, MOERUN_POLICY_LRU, 1, 0};
@@ -141,7 +192,8 @@ static void check_invariant(const char *path, const char *what, double tol_vs_cp
     assert_non_null(ref_cpu);
     const size_t bytes = (N_PROMPT + N_STEPS) * (size_t)nv * sizeof(float);
     struct cfg c = {device, 0, 0, MOERUN_POLICY_LRU, 1, 0}; /* all of it on the GPU */
-    float *ref = run(path, &c, &nv, &rc);
+    int32_t tokens[N_PROMPT + N_STEPS];
+    float *ref = run_tokens(path, &c, &nv, &rc, tokens);
     if (!ref)
         fail_msg("%s: %s", what, moerun_errmsg());
     /* a CUDA product's kernel depends on the columns in the call (fused matvec up to 8, the
@@ -149,12 +201,14 @@ static void check_invariant(const char *path, const char *what, double tol_vs_cp
     c.n_batch = 4;
     float *ref4 = device == MOERUN_DEVICE_CUDA ? run(path, &c, &nv, &rc) : NULL;
     c.n_batch = 0;
-    const double err = max_rel_err(ref, ref_cpu, N_PROMPT + N_STEPS, nv);
+    const double err = max_rel_err_ff(ref, ref_cpu, N_PROMPT + N_STEPS, nv);
     if (device == MOERUN_DEVICE_SIM)
         assert_memory_equal(ref, ref_cpu, bytes); /* the same ops as the CPU */
-    else if (!(err <= tol_vs_cpu))
+    else if (h.cpu_tol > 0 && !(err <= h.cpu_tol))
         fail_msg("%s: the GPU's logits are %.3e from the CPU's (tolerance %.0e)", what, err,
-                 tol_vs_cpu);
+                 h.cpu_tol);
+    if (h.synth_type >= 0)
+        check_vs_reference(path, what, h.synth_type, tokens, ref, nv);
 
     c.gpu_bytes = 4096;
     assert_null(run(path, &c, &nv, &rc));
@@ -223,12 +277,13 @@ static void test_invariant_synth(void **state) {
     static const char *const archs[] = {"mixtral", "qwen2moe", "qwen3moe", "olmoe"};
     static const int types[] = {MOERUN_TYPE_Q4_K, MOERUN_TYPE_F16, MOERUN_TYPE_Q8_0,
                                 MOERUN_TYPE_F32};
-    static const double tol[] = {6e-2, 3e-3, 6e-2, 1e-4};
     for (size_t i = 0; i < 4; i++) {
         char *path = synth(archs[i], types[i], i == 2 ? 4 : 2, tu_seed() + i);
         char what[64];
         snprintf(what, sizeof(what), "%s %s", archs[i], moerun_type_name(types[i]));
-        check_invariant(path, what, tol[i]);
+        /* on cuda against the reference only: the CPU rounds activations, cuda does not, and
+         * a routing near a tie may flip between them (a Q4_K case 1.4 apart was seen) */
+        check_invariant(path, what, (struct held_to){0, types[i]});
         unlink(path);
         free(path);
     }
@@ -246,7 +301,7 @@ static void test_invariant_golden(void **state) {
         const char *path = tu_shared_path(rel);
         assert_non_null(path);
         char *copy = strdup(path);
-        check_invariant(copy, cases[i], tol[i]);
+        check_invariant(copy, cases[i], (struct held_to){tol[i], -1});
         free(copy);
     }
 }
