@@ -71,6 +71,7 @@ void api_load() {
 
 constexpr size_t SCRATCH_ALIGN = 256;
 constexpr int CVT_THREADS = 256;
+constexpr int64_t CHUNK_ROWS = 64; // W chunks of a multiple of this many rows (when more than one)
 
 int cublas_fail(cublasStatus_t s, const char *what, const char *file, int line) {
     (void)cudaGetLastError(); // a CUDA status cuBLAS left behind is this failure's, not the next's
@@ -185,8 +186,10 @@ extern "C" int cuda_matmul_ws(void *cublas, int type, int64_t rows, int64_t k, c
         return gemm(h, rows, n, k, w, xh, CUDA_R_16F, y, rows);
 
     __half *wh = reinterpret_cast<__half *>(static_cast<char *>(scratch) + xb);
-    const int64_t chunk = (int64_t)((scratch_bytes - xb) / row_h); // rows per pass, >= 1
-    const int64_t row_bytes = cuda_row_bytes(type, k);             // > 0: the weights were checked
+    int64_t chunk = (int64_t)((scratch_bytes - xb) / row_h); // rows per pass, >= 1
+    if (chunk < rows && chunk > CHUNK_ROWS)
+        chunk -= chunk % CHUNK_ROWS; // y + r0 stays 256-byte aligned: cuBLAS's vector kernels
+    const int64_t row_bytes = cuda_row_bytes(type, k); // > 0: the weights were checked
     // The chunk reuses wh: its dequantize is ordered on st after the previous chunk's GEMM.
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         const int64_t m = rows - r0 < chunk ? rows - r0 : chunk;

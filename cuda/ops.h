@@ -84,8 +84,9 @@ size_t cuda_matmul_x_bytes(int64_t k, int64_t n);
  *  - F32 weights: F32 inputs (no TF32, no staging: scratch unused);
  *  - F16 weights: used in place, X rounded to F16 in scratch;
  *  - the others: X rounded to F16 at the start of scratch, then W dequantized to F16 after it in
- *    chunks of as many rows as the rest of scratch holds (at least one row: k * 2 bytes), one
- *    GEMM per chunk.
+ *    chunks of as many rows as the rest of scratch holds (at least one row: k * 2 bytes; over
+ *    64, a multiple of 64, so that every chunk's part of Y stays 256-byte aligned), one GEMM per
+ *    chunk.
  * scratch: 256-byte aligned device memory of scratch_bytes (cuda_matmul_scratch_bytes(rows, k,
  * n) is enough for one chunk); cublas from cuda_cublas_create, its stream set to stream. F16
  * rounding bounds the error near 2^-11 relative per factor; values past the F16 range (65504)
