@@ -39,10 +39,12 @@ corpus=build/check-fuzz/corpus
 rm -rf "$corpus" && mkdir -p "$corpus"
 build/check-fuzz/tests/test_gguf --write-corpus "$corpus"
 build/check-fuzz/tests/fuzz_gguf -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 \
-    -malloc_limit_mb=512 -print_final_stats=1 "$corpus" 2>&1 | tail -n 15
+    -malloc_limit_mb=512 -timeout=30 -artifact_prefix=build/check-fuzz/ -print_final_stats=1 \
+    "$corpus" 2>&1 | tail -n 15
 echo "fuzz: the GGUF reader: no crash in ${fuzz_seconds}s"
 
 step "fuzz whole model files for ${fuzz_seconds}s"
+# -timeout: an input that runs 30 s (a hang) fails the run and is saved under build/check-fuzz/
 models=build/check-fuzz/corpus-models
 rm -rf "$models" && mkdir -p "$models"
 for arch in mixtral qwen2moe qwen3moe olmoe; do
@@ -50,5 +52,6 @@ for arch in mixtral qwen2moe qwen3moe olmoe; do
         --vocab 259 --embd 8 --ff 8 --layers 1 --heads 2 --kv-heads 1 --experts 2 >/dev/null
 done
 build/check-fuzz/tests/fuzz_model -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 \
-    -malloc_limit_mb=512 -print_final_stats=1 "$models" 2>&1 | tail -n 15
+    -malloc_limit_mb=512 -timeout=30 -artifact_prefix=build/check-fuzz/ -print_final_stats=1 \
+    "$models" 2>&1 | tail -n 15
 echo "fuzz: whole model files: no crash in ${fuzz_seconds}s"
