@@ -24,31 +24,6 @@ static double row_err(const float *a, const double *b, size_t n) {
     return tu_rel_l2(a, b, n);
 }
 
-/* max over rows of the relative error of a (float) against b (float) */
-static double max_err_ff(const float *a, const float *b, size_t rows, size_t n) {
-    double worst = 0;
-    double *bd = malloc(n * sizeof(double));
-    assert_non_null(bd);
-    for (size_t r = 0; r < rows; r++) {
-        for (size_t i = 0; i < n; i++)
-            bd[i] = b[r * n + i];
-        double e = row_err(a + r * n, bd, n);
-        worst = e > worst || isnan(e) ? e : worst;
-    }
-    free(bd);
-    return worst;
-}
-
-/* max over rows of the relative error of a (float) against b (double) */
-static double max_err_fd(const float *a, const double *b, size_t rows, size_t n) {
-    double worst = 0;
-    for (size_t r = 0; r < rows; r++) {
-        double e = row_err(a + r * n, b + r * n, n);
-        worst = e > worst || isnan(e) ? e : worst;
-    }
-    return worst;
-}
-
 /* Comma-separated ids from a file; the count. */
 static size_t read_ids(const char *path, int32_t *ids, size_t cap) {
     size_t size = 0;
@@ -198,7 +173,7 @@ static void test_golden(void **state) {
         float *out = malloc(n * nv * sizeof(float));
         assert_non_null(out);
         decode_chunks(s, tokens, n, NULL, out, nv);
-        const double err = max_err_ff(out, ref, n, nv), tol = golden_tolerance(g->wtype);
+        const double err = tu_max_rel_l2_ff(out, ref, n, nv), tol = golden_tolerance(g->wtype);
         fprintf(stderr, "golden %-20s %-5s max err %.2e (tolerance %.0e)\n", g->name, g->wtype, err,
                 tol);
         if (!(err <= tol))
@@ -293,7 +268,7 @@ static void test_batched_vs_single(void **state) {
             s = open_session(m, 64, ways[w].n_batch);
             decode_chunks(s, tokens, n, ways[w].chunks, other, nv);
             moerun_session_destroy(s);
-            const double err = max_err_ff(other, batched, n, nv);
+            const double err = tu_max_rel_l2_ff(other, batched, n, nv);
             fprintf(stderr, "%s %s %s vs batched: max err %.2e\n", p.arch,
                     moerun_type_name(p.weight_type), ways[w].what, err);
             if (!(err <= types[ti].tol))
@@ -306,7 +281,7 @@ static void test_batched_vs_single(void **state) {
         moerun_session_reset(s);
         assert_int_equal(moerun_session_n_past(s), 0);
         decode_chunks(s, tokens, n, NULL, other, nv);
-        assert_true(max_err_ff(other, batched, n, nv) <= types[ti].tol);
+        assert_true(tu_max_rel_l2_ff(other, batched, n, nv) <= types[ti].tol);
         moerun_session_destroy(s);
 
         moerun_model_close(m);
@@ -346,7 +321,7 @@ static void test_ref_vs_golden(void **state) {
         assert_int_equal(ref_n_vocab(model), nv);
         assert_int_equal(ref_forward(model, tokens, n, !f32, out), 0);
         /* err of llama.cpp's logits against the reference */
-        const double err = max_err_fd(ref, out, n, nv), tol = golden_tolerance(g->wtype);
+        const double err = tu_max_rel_l2(ref, out, n, nv), tol = golden_tolerance(g->wtype);
         fprintf(stderr, "ref_forward(round_acts=%d) vs golden %-14s max err %.2e\n", !f32, g->name,
                 err);
         if (!(err <= tol))
@@ -457,7 +432,7 @@ static void test_synth_vs_ref(void **state) {
         moerun_model *m = open_model(path);
         moerun_session *s = open_session(m, 64, 0);
         decode_chunks(s, tokens, n, NULL, out, nv);
-        const double err = max_err_fd(out, ref, n, nv);
+        const double err = tu_max_rel_l2(out, ref, n, nv);
         n_quant += !f32 && !cuda;
         n_tight += !f32 && !cuda && err <= QUANT_TIGHT;
         fprintf(stderr,
@@ -618,7 +593,7 @@ static void test_bad_input(void **state) {
     float *fresh = malloc(8 * nv * sizeof(float));
     assert_non_null(fresh);
     assert_int_equal(moerun_session_decode(s, t, 8, fresh, 1), MOERUN_OK);
-    assert_true(max_err_ff(out, fresh + 7 * nv, 1, nv) <= 1e-4);
+    assert_true(tu_max_rel_l2_ff(out, fresh + 7 * nv, 1, nv) <= 1e-4);
     moerun_session_destroy(s);
     free(fresh);
     /* a prompt longer than the context in one call */

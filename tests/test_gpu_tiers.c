@@ -131,26 +131,6 @@ static uint64_t named_minimum(const char *after) {
     return strtoull(at + strlen(after), NULL, 10);
 }
 
-/* max over rows of ||a - b|| / ||b|| (NaN when a row has one) */
-static double max_rel_err(const float *a, const double *b, size_t rows, size_t n) {
-    double worst = 0;
-    for (size_t r = 0; r < rows; r++) {
-        const double e = tu_rel_l2(a + r * n, b + r * n, n);
-        worst = e > worst || isnan(e) ? e : worst;
-    }
-    return worst;
-}
-
-static double max_rel_err_ff(const float *a, const float *b, size_t rows, size_t n) {
-    double *bd = malloc(rows * n * sizeof(double));
-    assert_non_null(bd);
-    for (size_t i = 0; i < rows * n; i++)
-        bd[i] = b[i];
-    const double e = max_rel_err(a, bd, rows, n);
-    free(bd);
-    return e;
-}
-
 /* A synthetic case's all-on-GPU logits against the float64 reference on the tokens they
  * follow, rounded as the device rounds (sim as the CPU, cuda not at all; ref_forward.h), held to
  * test_forward's bounds; a routing nearer a tie than its gap that misses is reported, not
@@ -166,7 +146,7 @@ static void check_vs_reference(const char *path, const char *what, int type, con
     assert_non_null(ref);
     assert_int_equal(ref_n_vocab(path), nv);
     assert_int_equal(ref_forward_gap(path, tokens, n, !f32 && !cuda, ref, &gap), 0);
-    const double err = max_rel_err(out, ref, n, nv);
+    const double err = tu_max_rel_l2(out, ref, n, nv);
     fprintf(stderr, "%s: %.2e from the float64 reference (router gap %.1e)\n", what, err, gap);
     if (!(err <= tol) && gap < want_gap)
         fprintf(stderr, "  routing within %.1e of a tie: not held to %.0e\n", gap, tol);
@@ -201,7 +181,7 @@ static void check_invariant(const char *path, const char *what, struct held_to h
     c.n_batch = 4;
     float *ref4 = device == MOERUN_DEVICE_CUDA ? run(path, &c, &nv, &rc) : NULL;
     c.n_batch = 0;
-    const double err = max_rel_err_ff(ref, ref_cpu, N_PROMPT + N_STEPS, nv);
+    const double err = tu_max_rel_l2_ff(ref, ref_cpu, N_PROMPT + N_STEPS, nv);
     if (device == MOERUN_DEVICE_SIM)
         assert_memory_equal(ref, ref_cpu, bytes); /* the same ops as the CPU */
     else if (h.cpu_tol > 0 && !(err <= h.cpu_tol))

@@ -112,6 +112,29 @@ double tu_rel_l2(const float *a, const double *b, size_t n) {
     return sqrt(num / den);
 }
 
+double tu_max_rel_l2(const float *a, const double *b, size_t rows, size_t n) {
+    double worst = 0;
+    for (size_t r = 0; r < rows; r++) {
+        const double e = tu_rel_l2(a + r * n, b + r * n, n);
+        worst = e > worst || isnan(e) ? e : worst;
+    }
+    return worst;
+}
+
+double tu_max_rel_l2_ff(const float *a, const float *b, size_t rows, size_t n) {
+    double worst = 0;
+    double *bd = malloc(n * sizeof(double));
+    assert_non_null(bd);
+    for (size_t r = 0; r < rows; r++) {
+        for (size_t i = 0; i < n; i++)
+            bd[i] = b[r * n + i];
+        const double e = tu_rel_l2(a + r * n, bd, n);
+        worst = e > worst || isnan(e) ? e : worst;
+    }
+    free(bd);
+    return worst;
+}
+
 const char *tu_shared_path(const char *rel) {
     static char buf[4096];
     const char *dir = getenv("MOERUN_SHARED_DIR");

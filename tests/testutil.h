@@ -37,6 +37,9 @@ bool tu_contains(const char *hay, const char *needle);
 
 /* ||a - b|| / ||b|| over n values (b in float64); 0 when both are zero. */
 double tu_rel_l2(const float *a, const double *b, size_t n);
+/* The largest tu_rel_l2 over rows rows of n (NaN when a row has one); b as float in _ff. */
+double tu_max_rel_l2(const float *a, const double *b, size_t rows, size_t n);
+double tu_max_rel_l2_ff(const float *a, const float *b, size_t rows, size_t n);
 
 /* Path of the shared folder's file rel ("golden/MANIFEST.tsv"), or NULL when the shared folder
  * is absent (tests that need it skip). Returns a static buffer. */
